@@ -1,0 +1,1 @@
+"""Data: TFDS builders, device-resident datasets, on-device episode sampling and augmentation."""
