@@ -1,0 +1,38 @@
+"""ProtoNet (Conv-4) presets: `--config=configs/protonet.py:<preset>`.
+
+Omniglot follows Snell et al.: 60-way training episodes (episode.train_ways),
+5 queries, Adam 1e-3 halved every 2000 episodes; the same model is evaluated at
+5 or 20 ways. miniImageNet: 30-way (1-shot) / 20-way (5-shot) training, 15 queries.
+"""
+
+from fewshot_jax import config as base
+
+PRESETS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s",
+           "mini-5w1s", "mini-5w5s", "synthetic")
+
+
+def get_config(preset: str = "synthetic"):
+  preset = base.check_preset(preset, PRESETS)
+  c = base.base_config()
+  c.method.name = "protonet"
+  if preset == "synthetic":
+    base.apply_dataset(c, "synthetic")
+    c.episode.update(ways=5, shots=1, queries=5, tasks=2, train_ways=20)
+    c.train.update(steps=300, eval_every=150, log_every=50, steps_per_call=25, decay_every=200)
+    c.eval.update(episodes=600, val_episodes=200)
+    return c
+  dataset, task = preset.split("-")
+  ways, shots = (int(v) for v in task.rstrip("s").split("w"))
+  c.episode.update(ways=ways, shots=shots)
+  if dataset == "omniglot":
+    base.apply_dataset(c, "omniglot", "vinyals")
+    c.episode.update(queries=5, tasks=1, train_ways=60)
+    # 4500 x 60-way episodes fit the 60-minute budget of a 2-core CPU (~0.6 s/step).
+    c.train.update(steps=4500, eval_every=500, log_every=100, decay_every=1500)
+    c.eval.update(val_episodes=300)
+  else:
+    base.apply_dataset(c, "mini_imagenet")
+    c.data.update(mean=(120.39, 115.59, 104.54), std=(70.68, 68.42, 72.50))
+    c.episode.update(queries=15, tasks=1, train_ways=30 if shots == 1 else 20)
+    c.train.update(steps=30000, eval_every=1000, log_every=200, decay_every=2000)
+  return c

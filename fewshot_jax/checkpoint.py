@@ -1,0 +1,110 @@
+"""Orbax checkpoints: latest (resume) and best-by-validation, with a config check on restore.
+
+Orbax writes each step to a temporary directory and renames it when complete,
+so a crash mid-save never corrupts the checkpoint a resume would read.
+"""
+
+import functools
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from fewshot_jax import config as config_lib
+from fewshot_jax import methods
+from fewshot_jax import sharding
+from fewshot_jax import state as state_lib
+from fewshot_jax.data import episodes
+from fewshot_jax.data import input_pipeline
+from fewshot_jax.errors import CheckpointError
+
+
+def checkpoint_meta(config) -> dict:
+  """What a checkpoint must agree on with the config that restores it."""
+  return {"method": config.method.name, "backbone": config.model.backbone,
+          "dataset": config.data.name, "image_size": config.data.image_size}
+
+
+class Checkpoints:
+  """Orbax managers for the latest state (resume) and the best by validation accuracy."""
+
+  def __init__(self, workdir: str, keep: int):
+    workdir = os.path.abspath(workdir)
+    self.latest = ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self.best = ocp.CheckpointManager(
+        os.path.join(workdir, "best"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, best_fn=lambda m: m["val_accuracy"], best_mode="max"))
+
+  def save(self, manager, state, meta, metrics=None):
+    step = int(state.step)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    manager.save(step, args=args, metrics=metrics)
+
+  def wait(self):
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self):
+    self.latest.close()
+    self.best.close()
+
+
+def restore(manager, abstract_state, config, step=None) -> state_lib.TrainState:
+  """Restores a checkpoint; any mismatch with the config is one CheckpointError."""
+  step = manager.latest_step() if step is None else step
+  where = os.path.join(str(manager.directory), str(step))
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # orbax raises many types for unreadable files
+    raise CheckpointError(f"checkpoint {where} is unreadable: {type(e).__name__}: {e}") from None
+  expected = checkpoint_meta(config)
+  diff = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+  if diff:
+    raise CheckpointError(
+        f"checkpoint {where} does not match the config: " +
+        ", ".join(f"{k} is {a!r} in the checkpoint but {b!r} in the config" for k, (a, b) in diff.items()))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  except Exception as e:
+    raise CheckpointError(f"checkpoint {where} does not fit the model of the config "
+                          f"(were model.* or method.* changed?): {type(e).__name__}: {e}") from None
+  return restored["state"]
+
+
+def abstract_like(state, target_sharding):
+  """Shape/dtype/sharding skeleton that orbax restores into."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target_sharding), state)
+
+
+def load_for_eval(config, workdir, mesh, which: str):
+  """Restores params and model state of the best (or latest) checkpoint in workdir."""
+  method = methods.build(config)
+  tx = state_lib.make_optimizer(config)
+  ways = config_lib.train_ways(config)
+  example = episodes.episode_shapes(ways, config.episode.shots, config.episode.queries,
+                                    config.episode.tasks, input_pipeline.input_shape(config))
+  abstract = jax.eval_shape(functools.partial(state_lib.init_state, method, tx), jax.random.key(0), example)
+  root = os.path.join(os.path.abspath(workdir), "best" if which == "best" else "checkpoints")
+  if not os.path.isdir(root):
+    raise CheckpointError(f"no {which} checkpoint in workdir {workdir!r} ({root} is missing); "
+                          f"train first with --mode=train")
+  ckpt = Checkpoints(workdir, config.train.keep_checkpoints)
+  manager = ckpt.best if which == "best" else ckpt.latest
+  step = manager.best_step() if which == "best" else manager.latest_step()
+  if step is None:
+    raise CheckpointError(f"no {which} checkpoint in {root}; train first with --mode=train")
+  state = restore(manager, abstract_like(abstract, sharding.replicated(mesh)), config, step)
+  ckpt.close()
+  return method, state
+
+
+def write_json(path: str, payload) -> None:
+  """Writes JSON atomically (temp file + rename), so a crash never leaves half a file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2)
+  os.replace(tmp, path)

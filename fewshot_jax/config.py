@@ -1,0 +1,103 @@
+"""Config defaults shared by every method, dataset presets and validation.
+
+configs/<method>.py builds on `base_config()` and `apply_dataset()`; every
+number lives in the config, none in method files. Keys every method has (so
+users and scripts can rely on them): data.name, data.split, data.manual_dir,
+data.data_dir, data.image_size, episode.ways, episode.shots, episode.queries,
+episode.tasks, train.steps, train.seed, train.eval_every, eval.episodes,
+eval.split.
+"""
+
+import os
+
+import ml_collections
+
+from fewshot_jax.errors import ConfigError
+
+DATASETS = ("omniglot", "mini_imagenet", "synthetic")
+SCHEMES = {"omniglot": ("vinyals", "lake"), "mini_imagenet": ("ravi",), "synthetic": ("default",)}
+_MANUAL_SUBDIR = {"omniglot": "omniglot", "mini_imagenet": "miniimagenet", "synthetic": None}
+
+
+def default_manual_dir(name: str) -> str | None:
+  """$FEWSHOT_DATA_DIR/<dataset> when set (our shipped copies), else None (TFDS download)."""
+  root = os.environ.get("FEWSHOT_DATA_DIR")
+  sub = _MANUAL_SUBDIR.get(name)
+  return os.path.join(root, sub) if root and sub else None
+
+
+def default_data_dir() -> str:
+  return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = ml_collections.ConfigDict(dict(name="protonet", cosine_scale=1.0, eps=1e-8))
+  c.model = ml_collections.ConfigDict(dict(backbone="conv4", features=64, dtype="float32", conv_impl="auto"))
+  c.data = ml_collections.ConfigDict(dict(
+      name="synthetic", split="default", manual_dir=ml_collections.FieldReference(None, field_type=str),
+      data_dir=default_data_dir(), image_size=28, input_size=0, mean=0.0, std=255.0,
+      train_split="train", val_split="val"))
+  c.augment = ml_collections.ConfigDict(dict(flip_prob=0.0, class_rotations=()))
+  # episode.* is the task trained on and evaluated; train_ways (0 = ways) trains
+  # on higher-way episodes, as Snell et al. do on Omniglot.
+  c.episode = ml_collections.ConfigDict(dict(ways=5, shots=1, queries=5, tasks=1, train_ways=0))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=2000, seed=0, eval_every=500, log_every=100, steps_per_call=50,
+      optimizer="adam", lr=1e-3, schedule="step", decay_every=2000, decay_factor=0.5, min_lr=0.0,
+      warmup_steps=0, weight_decay=0.0, grad_clip=0.0, keep_checkpoints=2))
+  c.eval = ml_collections.ConfigDict(dict(
+      episodes=600, split="test", queries=15, tasks=8, seed=1234, val_episodes=300,
+      checkpoint="best"))
+  return c
+
+
+def apply_dataset(c: ml_collections.ConfigDict, name: str, scheme: str | None = None) -> None:
+  """Sets data.* for a dataset (manual dir from $FEWSHOT_DATA_DIR, pixel statistics)."""
+  if name not in DATASETS:
+    raise ConfigError(f"dataset {name!r} is unknown; valid: {list(DATASETS)}")
+  c.data.name = name
+  c.data.split = scheme or SCHEMES[name][0]
+  c.data.manual_dir = default_manual_dir(name)
+  if name == "mini_imagenet":
+    c.data.image_size = 84
+  else:
+    c.data.image_size = 28
+    c.data.mean, c.data.std = 0.0, 255.0
+
+
+def check_preset(preset: str, presets) -> str:
+  if preset not in presets:
+    raise ConfigError(f"preset {preset!r} is unknown; valid presets: {sorted(presets)}")
+  return preset
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks values that would otherwise fail deep inside JAX, naming the bad key."""
+  if c.data.name not in DATASETS:
+    raise ConfigError(f"data.name={c.data.name!r} is unknown; valid: {list(DATASETS)}")
+  if c.data.split not in SCHEMES[c.data.name]:
+    raise ConfigError(f"data.split={c.data.split!r} is not a split of {c.data.name}; "
+                      f"valid: {list(SCHEMES[c.data.name])}")
+  positive = {"episode.ways": c.episode.ways, "episode.shots": c.episode.shots,
+              "episode.queries": c.episode.queries, "episode.tasks": c.episode.tasks,
+              "train.steps": c.train.steps, "train.eval_every": c.train.eval_every,
+              "train.log_every": c.train.log_every, "train.steps_per_call": c.train.steps_per_call,
+              "eval.episodes": c.eval.episodes, "eval.queries": c.eval.queries,
+              "eval.tasks": c.eval.tasks, "eval.val_episodes": c.eval.val_episodes}
+  for key, value in positive.items():
+    if not isinstance(value, int) or value < 1:
+      raise ConfigError(f"{key}={value!r} must be a positive integer")
+  if c.episode.train_ways < 0:
+    raise ConfigError(f"episode.train_ways={c.episode.train_ways} must be >= 0 (0 = episode.ways)")
+  if not c.train.lr > 0:
+    raise ConfigError(f"train.lr={c.train.lr} must be > 0")
+  if c.eval.split not in ("train", "val", "test"):
+    raise ConfigError(f"eval.split={c.eval.split!r} is unknown; valid: ['train', 'val', 'test']")
+  if c.eval.checkpoint not in ("best", "latest"):
+    raise ConfigError(f"eval.checkpoint={c.eval.checkpoint!r} is unknown; valid: ['best', 'latest']")
+  return c
+
+
+def train_ways(c) -> int:
+  return c.episode.train_ways or c.episode.ways

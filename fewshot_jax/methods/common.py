@@ -1,0 +1,68 @@
+"""Pieces shared by methods: the Method record, episode flattening, metric helpers."""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A few-shot method as pure functions.
+
+  init(key, episode) -> variables {'params': ..., 'batch_stats': ...}
+  loss(params, state, episode, key) -> (loss, (metrics, new_state)); state is
+    the non-trainable collections (BatchNorm statistics), updated in training.
+  predict(params, state, episode, key) -> logits [T, N*Q, N].
+  optimizer(config) -> optax transformation, or None for the trainer's default.
+  """
+
+  name: str
+  init: Callable[..., Any]
+  loss: Callable[..., Any]
+  predict: Callable[..., Any]
+  optimizer: Callable[..., Any] | None = None
+
+
+def flatten_images(episode):
+  """Support and query images of all tasks as one batch (shared networks run once)."""
+  t, s = episode.support.shape[:2]
+  q = episode.query.shape[1]
+  images = jnp.concatenate([
+      episode.support.reshape((t * s,) + episode.support.shape[2:]),
+      episode.query.reshape((t * q,) + episode.query.shape[2:])
+  ])
+
+  def split(features):
+    return features[:t * s].reshape(t, s, -1), features[t * s:].reshape(t, q, -1)
+
+  return images, split
+
+
+def apply_backbone(model, params, state, images, train: bool):
+  """Runs a Flax backbone; in training returns the updated BatchNorm statistics."""
+  variables = {"params": params, **state}
+  if train and state:
+    features, new_state = model.apply(variables, images, train=True, mutable=list(state))
+    return features, new_state
+  return model.apply(variables, images, train=train), state
+
+
+def prototypes(support, labels, ways: int):
+  """Class means of one task's support embeddings [S, D] -> [N, D]."""
+  onehot = jax.nn.one_hot(labels, ways, dtype=support.dtype)
+  return (onehot.T @ support) / onehot.sum(0)[:, None]
+
+
+def squared_distances(a, b):
+  """||a_i - b_j||^2 for a [M, D], b [N, D]."""
+  return (jnp.sum(a * a, -1)[:, None] + jnp.sum(b * b, -1)[None, :] - 2.0 * a @ b.T)
+
+
+def classification_metrics(logits, labels):
+  """Mean cross-entropy and accuracy over all tasks and queries."""
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  return loss, {"loss": loss, "accuracy": accuracy}

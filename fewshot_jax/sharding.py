@@ -1,0 +1,26 @@
+"""Device mesh helpers: one 1-D mesh over all devices; the task axis is sharded, parameters replicated."""
+
+import jax
+import numpy as np
+
+from fewshot_jax.errors import ConfigError
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D mesh over all devices of all hosts; axis 'data' carries the task axis."""
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  return jax.sharding.Mesh(devices, ("data",))
+
+
+def replicated(mesh):
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def task_sharded(mesh):
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def check_tasks_divisible(tasks: int, mesh, key: str) -> None:
+  if tasks % mesh.size:
+    raise ConfigError(f"{key}={tasks} must be a multiple of the {mesh.size} devices; "
+                      f"use {key}={mesh.size * max(1, round(tasks / mesh.size))}")

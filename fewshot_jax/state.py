@@ -1,0 +1,62 @@
+"""Train state and the optax optimiser built from `config.train`."""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from fewshot_jax.errors import ConfigError
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  model_state: Any  # non-trainable collections, e.g. {'batch_stats': ...}
+  opt_state: Any
+
+
+def learning_rate_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
+  """optax schedule from train.schedule: 'constant', 'step' (staircase decay), 'cosine'."""
+  if tc.schedule == "constant":
+    schedule = optax.constant_schedule(tc.lr)
+  elif tc.schedule == "step":
+    schedule = optax.exponential_decay(tc.lr, tc.decay_every, tc.decay_factor, staircase=True,
+                                       end_value=tc.get("min_lr") or None)
+  elif tc.schedule == "cosine":
+    schedule = optax.cosine_decay_schedule(tc.lr, max(1, tc.steps - tc.warmup_steps))
+  else:
+    raise ConfigError(f"train.schedule={tc.schedule!r} is unknown; valid: ['constant', 'step', 'cosine']")
+  if tc.warmup_steps:
+    warmup = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
+    schedule = optax.join_schedules([warmup, schedule], [tc.warmup_steps])
+  return schedule
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  tc = config.train
+  schedule = learning_rate_schedule(tc)
+  if tc.optimizer == "adam":
+    opt = optax.adam(schedule)
+  elif tc.optimizer == "adamw":
+    opt = optax.adamw(schedule, weight_decay=tc.weight_decay)
+  elif tc.optimizer == "sgd":
+    opt = optax.sgd(schedule, momentum=0.9, nesterov=True)
+  else:
+    raise ConfigError(f"train.optimizer={tc.optimizer!r} is unknown; valid: ['adam', 'adamw', 'sgd']")
+  if tc.grad_clip:
+    opt = optax.chain(optax.clip_by_global_norm(tc.grad_clip), opt)
+  return opt
+
+
+def init_state(method, tx, key, example) -> TrainState:
+  """Fresh parameters, model state and optimiser state for a shape-only example episode."""
+  example = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example)
+  variables = method.init(key, example)
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k != "params"}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                    opt_state=tx.init(params))

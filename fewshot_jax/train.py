@@ -1,0 +1,172 @@
+"""Method-agnostic episodic trainer.
+
+One jitted call runs `steps_per_call` steps (sample -> augment -> loss ->
+update) under lax.scan so the host never waits on the device. Parameters are
+replicated and the episode's task axis is sharded over a mesh of all devices.
+Every step's randomness is fold_in(seed, step), so a run resumed from its
+latest checkpoint ends with exactly the parameters of an uninterrupted run.
+"""
+
+import functools
+import os
+import time
+from typing import Callable, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from fewshot_jax import checkpoint
+from fewshot_jax import config as config_lib
+from fewshot_jax import evaluate
+from fewshot_jax import methods
+from fewshot_jax import sharding
+from fewshot_jax import state as state_lib
+from fewshot_jax.data import augment as augment_lib
+from fewshot_jax.data import episodes
+from fewshot_jax.data import input_pipeline
+
+
+def make_train_fn(method, tx, config, mesh) -> Callable:
+  """jit(state, dataset, base_key, num_steps) -> (state, mean metrics over the steps)."""
+  ways = config_lib.train_ways(config)
+  aug = augment_lib.from_config(config, ways)
+  sampling = dict(tasks=config.episode.tasks, ways=ways, shots=config.episode.shots,
+                  queries=config.episode.queries, augment=aug)
+  batch_sharding = sharding.task_sharded(mesh)
+
+  def one_step(state, dataset, base_key):
+    key = jax.random.fold_in(base_key, state.step)
+    sample_key, loss_key = jax.random.split(key)
+    episode = episodes.sample_episodes(sample_key, dataset, **sampling)
+    episode = jax.lax.with_sharding_constraint(episode, batch_sharding)
+    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+    (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, episode, loss_key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, model_state=model_state,
+                         opt_state=opt_state), metrics
+
+  @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+  def train_fn(state, dataset, base_key, num_steps):
+    state, metrics = jax.lax.scan(lambda s, _: one_step(s, dataset, base_key), state, None,
+                                  length=num_steps)
+    return state, jax.tree.map(jnp.mean, metrics)
+
+  return train_fn
+
+
+def call_lengths(start: int, total: int, per_call: int, boundaries: Sequence[int]) -> list[int]:
+  """Splits [start, total) into scan lengths that stop at every boundary multiple.
+
+  Chunks depend only on the step, so a resumed run repeats the uninterrupted
+  run's calls exactly.
+  """
+  lengths, step = [], start
+  while step < total:
+    nxt = min(total, (step // per_call + 1) * per_call)
+    for b in boundaries:
+      nxt = min(nxt, (step // b + 1) * b)
+    lengths.append(nxt - step)
+    step = nxt
+  return lengths
+
+
+class MetricWriter:
+  """TensorBoard events (tensorboardX, no TensorFlow) + absl log lines."""
+
+  def __init__(self, workdir):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.path.join(workdir, "tb")) if jax.process_index() == 0 else None
+
+  def scalars(self, step: int, values: dict):
+    if self._tb:
+      for k, v in values.items():
+        self._tb.add_scalar(k, float(v), step)
+      self._tb.flush()
+
+  def close(self):
+    if self._tb:
+      self._tb.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       hooks: Sequence[Callable[[int, state_lib.TrainState], None]] = ()) -> state_lib.TrainState:
+  """Trains (resuming from workdir if a checkpoint exists) with periodic validation.
+
+  `hooks(step, state)` run after every host call; a hook may raise to stop the
+  run (a preemption in tests).
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh()
+  sharding.check_tasks_divisible(config.episode.tasks, mesh, "episode.tasks")
+  method = methods.build(config)
+  tx = state_lib.make_optimizer(config)
+  ways = config_lib.train_ways(config)
+
+  train_data = input_pipeline.load(config, config.data.train_split, sharding.replicated(mesh))
+  episodes.check_episode_fits(train_data, ways, config.episode.shots, config.episode.queries,
+                              config.data.train_split)
+  validator = evaluate.Evaluator(method, config, mesh, config.data.val_split, config.eval.val_episodes)
+
+  example = episodes.episode_shapes(ways, config.episode.shots, config.episode.queries,
+                                    config.episode.tasks, input_pipeline.input_shape(config))
+  root_key = jax.random.key(config.train.seed)
+  init_key, train_key = jax.random.split(root_key)
+  state = jax.jit(functools.partial(state_lib.init_state, method, tx), out_shardings=sharding.replicated(mesh))(
+      init_key, example)
+  ckpt = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
+  meta = checkpoint.checkpoint_meta(config)
+  if ckpt.latest.latest_step() is not None:
+    state = checkpoint.restore(ckpt.latest, checkpoint.abstract_like(state, sharding.replicated(mesh)), config)
+    logging.info("Resumed from %s at step %d", ckpt.latest.directory, int(state.step))
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  train_fn = make_train_fn(method, tx, config, mesh)
+  schedule = state_lib.learning_rate_schedule(config.train)
+  writer = MetricWriter(workdir)
+  tc = config.train
+  start = int(state.step)
+  step, t0, done_since_t0 = start, time.time(), 0
+  images_per_episode = ways * (config.episode.shots + config.episode.queries)
+  for length in call_lengths(start, tc.steps, tc.steps_per_call, (tc.log_every, tc.eval_every)):
+    state, metrics = train_fn(state, train_data, train_key, length)
+    step += length
+    done_since_t0 += length
+    if step % tc.log_every == 0 or step == tc.steps:
+      metrics = jax.device_get(metrics)
+      elapsed = time.time() - t0
+      eps = done_since_t0 * config.episode.tasks / elapsed
+      eta = (tc.steps - step) * config.episode.tasks / eps
+      logging.info("step %d/%d loss %.4f accuracy %.4f lr %.2e | %.1f episodes/s %.0f images/s | ETA %s",
+                   step, tc.steps, metrics["loss"], metrics["accuracy"], schedule(step), eps,
+                   eps * images_per_episode, _hms(eta))
+      writer.scalars(step, {f"train/{k}": v for k, v in metrics.items()} |
+                     {"train/lr": schedule(step), "train/episodes_per_s": eps})
+      t0, done_since_t0 = time.time(), 0
+    if step % tc.eval_every == 0 or step == tc.steps:
+      result = validator.run(state.params, state.model_state)
+      logging.info("step %d validation accuracy %.2f%% +- %.2f (%d episodes of %s)", step,
+                   result["accuracy"], result["ci95"], result["episodes"], config.data.val_split)
+      writer.scalars(step, {"val/accuracy": result["accuracy"]})
+      ckpt.save(ckpt.latest, state, meta)
+      ckpt.save(ckpt.best, state, meta, metrics={"val_accuracy": result["accuracy"]})
+      ckpt.wait()
+      t0, done_since_t0 = time.time(), 0  # validation time is not training throughput
+    for hook in hooks:
+      hook(step, state)
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  return state
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(max(0, seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
