@@ -4,10 +4,14 @@ Orbax writes each step to a temporary directory and renames it when complete,
 so a crash mid-save never corrupts the checkpoint a resume would read.
 """
 
+import contextlib
 import functools
 import json
+import logging
 import os
+import sys
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -31,13 +35,16 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep: int):
     workdir = os.path.abspath(workdir)
-    self.latest = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-    self.best = ocp.CheckpointManager(
-        os.path.join(workdir, "best"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: m["val_accuracy"], best_mode="max"))
+    try:  # the managers read every step's metadata and metrics files
+      self.latest = ocp.CheckpointManager(
+          os.path.join(workdir, "checkpoints"),
+          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+      self.best = ocp.CheckpointManager(
+          os.path.join(workdir, "best"),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, create=True, best_fn=lambda m: m["val_accuracy"], best_mode="max"))
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise CheckpointError(f"checkpoints in {workdir} are unreadable: {_short(e)}") from None
 
   def save(self, manager, state, meta, metrics=None):
     step = int(state.step)
@@ -60,19 +67,82 @@ def restore(manager, abstract_state, config, step=None) -> state_lib.TrainState:
   try:
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # orbax raises many types for unreadable files
-    raise CheckpointError(f"checkpoint {where} is unreadable: {type(e).__name__}: {e}") from None
+    raise CheckpointError(f"checkpoint {where} is unreadable: {_short(e)}") from None
   expected = checkpoint_meta(config)
   diff = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
   if diff:
     raise CheckpointError(
         f"checkpoint {where} does not match the config: " +
         ", ".join(f"{k} is {a!r} in the checkpoint but {b!r} in the config" for k, (a, b) in diff.items()))
+  # Shapes come from the checkpoint's metadata, before any array is read: a
+  # mismatch would fail orbax's parallel reads part-way (see _quiet_abandoned_reads).
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  except Exception as e:
+    with _quiet_abandoned_reads():
+      stored = _leaf_shapes(ocp.StandardCheckpointHandler().metadata(epath.Path(where) / "state"))
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise CheckpointError(f"checkpoint {where} is unreadable: {_short(e)}") from None
+  wanted = _leaf_shapes(abstract_state)
+  problems = [f"{k} has shape {stored[k]} in the checkpoint but {wanted[k]} in the model"
+              for k in wanted if k in stored and stored[k] != wanted[k]]
+  problems += [f"{k} is in the model but not in the checkpoint" for k in wanted if k not in stored]
+  problems += [f"{k} is in the checkpoint but not in the model" for k in stored if k not in wanted]
+  if problems:
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
     raise CheckpointError(f"checkpoint {where} does not fit the model of the config "
-                          f"(were model.* or method.* changed?): {type(e).__name__}: {e}") from None
+                          f"(were model.* or method.* changed?): {'; '.join(problems[:3])}{more}")
+  try:
+    with _quiet_abandoned_reads():
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise CheckpointError(f"checkpoint {where} is unreadable: {_short(e)}") from None
   return restored["state"]
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+  """'params/Conv_0/kernel' -> shape, for a state, its abstract skeleton or orbax metadata."""
+  def name(entry):
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+  return {"/".join(name(e) for e in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _short(e: Exception) -> str:
+  """Type and first line of an exception, without tensorstore's long JSON spec."""
+  text = str(e).split(" [tensorstore_spec")[0].strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+class _AbandonedReads(logging.Filter):
+
+  def filter(self, record) -> bool:
+    return not record.getMessage().startswith(("Task exception was never retrieved",
+                                               "Future exception was never retrieved"))
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+  """When one of orbax's parallel reads fails, the others are abandoned: tensorstore
+  finishes them later and posts them to orbax's event loop, already closed, and
+  their tasks log their errors when collected, so Python would print one
+  'RuntimeError: Event loop is closed' or '... exception was never retrieved'
+  traceback per array under our one-line error. Drops exactly those; the filters
+  stay after a failure (late reads come at any time) and go after a success."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+      previous(unraisable)
+
+  log_filter = _AbandonedReads()
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(log_filter)
+  yield  # an exception propagates from here and leaves the filters in place
+  sys.unraisablehook = previous
+  logging.getLogger("asyncio").removeFilter(log_filter)
 
 
 def abstract_like(state, target_sharding):

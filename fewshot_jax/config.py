@@ -34,9 +34,11 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = ml_collections.ConfigDict(dict(name="protonet", cosine_scale=1.0, eps=1e-8))
   c.model = ml_collections.ConfigDict(dict(backbone="conv4", features=64, dtype="float32", conv_impl="auto"))
+  # data.mean/std are per-channel tuples (length 1 broadcasts): ConfigDict keeps a
+  # field's type, so a float default could not take miniImageNet's RGB statistics.
   c.data = ml_collections.ConfigDict(dict(
       name="synthetic", split="default", manual_dir=ml_collections.FieldReference(None, field_type=str),
-      data_dir=default_data_dir(), image_size=28, input_size=0, mean=0.0, std=255.0,
+      data_dir=default_data_dir(), image_size=28, input_size=0, mean=(0.0,), std=(255.0,),
       train_split="train", val_split="val"))
   c.augment = ml_collections.ConfigDict(dict(flip_prob=0.0, class_rotations=()))
   # episode.* is the task trained on and evaluated; train_ways (0 = ways) trains
@@ -63,7 +65,7 @@ def apply_dataset(c: ml_collections.ConfigDict, name: str, scheme: str | None = 
     c.data.image_size = 84
   else:
     c.data.image_size = 28
-    c.data.mean, c.data.std = 0.0, 255.0
+    c.data.mean, c.data.std = (0.0,), (255.0,)
 
 
 def check_preset(preset: str, presets) -> str:

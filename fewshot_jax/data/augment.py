@@ -37,8 +37,8 @@ def rotate(image: jax.Array, degrees: jax.Array, fill: float = 0.0) -> jax.Array
   yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
   # Inverse map: output pixel -> source pixel (rotate back by theta).
   dy, dx = yy - cy, xx - cx
-  src_y = cy + jnp.cos(theta) * dy - jnp.sin(theta) * dx
-  src_x = cx + jnp.sin(theta) * dy + jnp.cos(theta) * dx
+  src_y = cy + jnp.cos(theta) * dy + jnp.sin(theta) * dx
+  src_x = cx - jnp.sin(theta) * dy + jnp.cos(theta) * dx
   channels = [
       jax.scipy.ndimage.map_coordinates(image[..., c], [src_y, src_x], order=1, mode="constant", cval=fill)
       for c in range(image.shape[-1])

@@ -1,0 +1,188 @@
+"""User-caused errors, end to end through launch.py.
+
+Contract: each is one line `error: <message>` on stderr naming the bad value and
+what is valid, exit code 2, no traceback. An unknown preset fails while absl
+parses --config (before launch.main runs): non-zero exit, and stderr names the
+preset and the valid ones.
+
+Every test starts `python launch.py` (a few seconds each, mostly the JAX import),
+so there are few of them; one small ProtoNet run on the synthetic dataset is
+trained once and shared by the checkpoint tests.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA = pathlib.Path(os.environ.get("FEWSHOT_DATA_DIR", REPO.parent / "shared" / "data"))
+PRESETS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s", "mini-5w1s", "mini-5w5s",
+           "synthetic")
+# Two steps, validated and checkpointed at step 2; a 16-episode test evaluation.
+TINY_RUN = ("--config.train.steps=2", "--config.train.eval_every=2", "--config.train.log_every=1",
+            "--config.train.steps_per_call=1", "--config.eval.val_episodes=8", "--config.eval.episodes=16")
+
+needs_omniglot = pytest.mark.skipif(not (DATA / "omniglot" / "images_background.npz").is_file(),
+                                    reason=f"no Omniglot in {DATA} (set FEWSHOT_DATA_DIR)")
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+  """TFDS data_dir shared by the launches of this session (synthetic is prepared once)."""
+  return tmp_path_factory.mktemp("errors_tfds")
+
+
+def launch(*args, tfds_dir, timeout=300) -> subprocess.CompletedProcess:
+  env = dict(os.environ, TFDS_DATA_DIR=str(tfds_dir), FEWSHOT_DATA_DIR=str(DATA))
+  return subprocess.run([sys.executable, "launch.py", *map(str, args)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def user_error(result: subprocess.CompletedProcess, *needles) -> str:
+  """The one `error:` line of a FewshotError exit; checks exit code 2, no traceback, needles."""
+  lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  report = f"exit {result.returncode}, stderr:\n{result.stderr[-6000:]}"
+  assert result.returncode == 2, report
+  assert "Traceback" not in result.stderr, report
+  assert len(lines) == 1, report
+  print(lines[0])  # shown by `pytest -rP`, to judge the messages
+  for needle in needles:
+    assert str(needle) in lines[0], f"{needle!r} not in {lines[0]!r}"
+  return lines[0]
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_unknown_preset_names_it_and_the_valid_ones(tmp_path):
+  result = launch("--config=configs/protonet.py:nope", f"--workdir={tmp_path}", tfds_dir=tmp_path)
+  assert result.returncode != 0
+  assert "'nope'" in result.stderr
+  for preset in PRESETS:
+    assert preset in result.stderr
+
+
+@pytest.mark.parametrize("flag, needles", [
+    ("--config.method.name=foo", ("method.name", "'foo'", "protonet", "matchingnet")),
+    ("--config.data.name=cifar", ("data.name", "'cifar'", "omniglot", "mini_imagenet", "synthetic")),
+    ("--config.episode.shots=0", ("episode.shots=0", "positive")),
+    ("--config.train.lr=-1", ("train.lr=-1", "> 0")),
+])
+def test_bad_config_value(flag, needles, tmp_path, tfds_dir):
+  user_error(launch(flag, "--mode=train", f"--workdir={tmp_path}", tfds_dir=tfds_dir), *needles)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flag, needles", [
+    # synthetic: 200 train classes of 20 images; training draws episode.train_ways-way episodes.
+    ("--config.episode.train_ways=500", ("500", "200 classes", "'train'")),
+    ("--config.episode.queries=25", ("1 + 25 = 26", "20 images", "'train'", "<= 20")),
+])
+def test_episode_larger_than_the_split(flag, needles, tmp_path, tfds_dir):
+  user_error(launch(flag, "--mode=train", f"--workdir={tmp_path}", tfds_dir=tfds_dir), *needles)
+
+
+# ---------------------------------------------------------------- data directories
+
+
+def test_missing_manual_dir(tmp_path):
+  # Nothing prepared in a fresh data_dir; without the files the builder tries the
+  # download once (fails in seconds without network) and names the manual_dir.
+  result = launch("--config=configs/protonet.py:omniglot-5w1s", "--config.data.manual_dir=/nonexistent/x",
+                  "--mode=train", f"--workdir={tmp_path / 'work'}", tfds_dir=tmp_path / "tfds", timeout=120)
+  user_error(result, "/nonexistent/x", "images_background.npz")
+
+
+@needs_omniglot
+def test_incomplete_manual_dir(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  (manual / "images_background.npz").symlink_to(DATA / "omniglot" / "images_background.npz")
+  result = launch("--config=configs/protonet.py:omniglot-5w1s", f"--config.data.manual_dir={manual}",
+                  "--mode=train", f"--workdir={tmp_path / 'work'}", tfds_dir=tmp_path / "tfds")
+  user_error(result, str(manual), "images_evaluation.npz")
+
+
+def _fake_mini(root: pathlib.Path, classes=3, images=4) -> pathlib.Path:
+  """miniImageNet manual dir (folder layout): `classes` x `images` random 84x84 JPEGs per split."""
+  rng = np.random.default_rng(0)
+  (root / "images").mkdir(parents=True)
+  for s, split in enumerate(("train", "val", "test")):
+    rows = ["filename,label"]
+    for c in range(classes):
+      wnid = f"n{s}{c:07d}"
+      for i in range(images):
+        name = f"{wnid}{i:08d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (84, 84, 3), dtype=np.uint8)).save(root / "images" / name)
+        rows.append(f"{name},{wnid}")
+    (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+  return root
+
+
+def test_corrupt_image(tmp_path):
+  manual = _fake_mini(tmp_path / "manual")
+  corrupt = manual / "images" / "n1000000200000001.jpg"  # val split
+  corrupt.write_bytes(b"\xff\xd8 this is not a JPEG")
+  result = launch("--config=configs/protonet.py:mini-5w1s", f"--config.data.manual_dir={manual}",
+                  "--mode=train", f"--workdir={tmp_path / 'work'}", tfds_dir=tmp_path / "tfds")
+  user_error(result, corrupt.name, "cannot decode")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tfds_dir):
+  """A workdir with a 2-step ProtoNet checkpoint (latest and best), evaluated once."""
+  workdir = tmp_path_factory.mktemp("trained") / "work"
+  result = launch(*TINY_RUN, "--mode=train_eval", f"--workdir={workdir}", tfds_dir=tfds_dir)
+  assert result.returncode == 0, result.stderr[-6000:]
+  scores = json.loads(result.stdout.strip().splitlines()[-1])
+  assert scores["step"] == 2 and scores["episodes"] == 16 and scores["method"] == "protonet"
+  assert (workdir / "checkpoints" / "2").is_dir() and (workdir / "best" / "2").is_dir()
+  return workdir
+
+
+def test_eval_without_checkpoint(tmp_path, tfds_dir):
+  workdir = tmp_path / "empty"
+  workdir.mkdir()
+  user_error(launch(*TINY_RUN, "--mode=eval", f"--workdir={workdir}", tfds_dir=tfds_dir),
+             str(workdir), "--mode=train")
+
+
+@pytest.mark.parametrize("damage", ["arrays", "everything"])
+def test_eval_corrupt_checkpoint(damage, trained, tmp_path, tfds_dir):
+  workdir = tmp_path / "work"
+  shutil.copytree(trained, workdir)
+  steps = [workdir / "checkpoints" / "2", workdir / "best" / "2"]
+  if damage == "arrays":  # the array data of the state, metadata and meta intact
+    files = [f for s in steps for f in (s / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+  else:  # every file of both steps, orbax's own metadata and metrics included
+    files = [f for s in steps for f in s.rglob("*") if f.is_file()]
+  assert files
+  for f in files:
+    f.write_bytes(b"garbage")
+  line = user_error(launch(*TINY_RUN, "--mode=eval", f"--workdir={workdir}", tfds_dir=tfds_dir),
+                    "unreadable")
+  assert str(workdir) in line
+
+
+def test_eval_checkpoint_of_another_method(trained, tfds_dir):
+  line = user_error(launch(*TINY_RUN, "--config.method.name=matchingnet", "--mode=eval",
+                           f"--workdir={trained}", tfds_dir=tfds_dir),
+                    "'protonet'", "'matchingnet'", str(trained / "best" / "2"))
+  assert "does not match the config" in line
+
+
+def test_eval_checkpoint_of_another_model_size(trained, tfds_dir):
+  line = user_error(launch(*TINY_RUN, "--config.model.features=32", "--mode=eval",
+                           f"--workdir={trained}", tfds_dir=tfds_dir),
+                    "does not fit the model", str(trained / "best" / "2"))
+  assert "(64,)" in line and "(32,)" in line
