@@ -74,7 +74,7 @@ for _ in range(3):
   st, m = fn(st, data, jax.random.key(1), 2)
   losses.append(float(m["loss"]))
 print(json.dumps({{"devices": len(jax.devices()), "losses": losses,
-                  "params": [float(np.sum(np.asarray(x))) for x in jax.tree.leaves(st.params)]}}))
+                  "params": [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(st.params)]}}))
 """
 
 
@@ -94,7 +94,10 @@ def test_same_loss_on_one_and_eight_devices(make_config):
   # Step 1 is the same computation; later steps differ only by float reduction order.
   np.testing.assert_allclose(eight["losses"][0], one["losses"][0], rtol=1e-6)
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=5e-5)
-  np.testing.assert_allclose(eight["params"], one["params"], rtol=1e-4, atol=1e-4)
+  # Whole parameter vector: per leaf, conv biases before BatchNorm have zero true
+  # gradient and hold only rounding noise.
+  a, b = np.concatenate(eight["params"]), np.concatenate(one["params"])
+  assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)  # measured: 1.5e-5
 
 
 @pytest.mark.slow
