@@ -16,8 +16,41 @@ from ml_collections import config_flags
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "protonet.py") + ":synthetic"
 
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file and preset, FILE:PRESET.",
-                                lock_config=True)
+
+
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _one_line(e: BaseException) -> str:
+  """The user-facing part of an error: the message of the FewshotError behind it, if any.
+
+  ml_collections re-raises a config file's error with the formatted traceback
+  as its text, so the message is also searched for in the text.
+  """
+  from fewshot_jax.errors import FewshotError  # pylint: disable=g-import-not-at-top
+  chain, seen = [], set()
+  while e is not None and id(e) not in seen:
+    chain.append(e)
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  for exc in chain:
+    for line in reversed(str(exc).splitlines()):
+      if line.startswith("fewshot_jax.errors."):
+        return line.split(": ", 1)[1]
+    if isinstance(exc, FewshotError):
+      return str(exc)
+  text = str(chain[-1]).replace("\\n", "\n").replace("\\'", "'")
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  return " ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
+
+
+try:  # overrides (--config.a.b=v) are applied while the flag is defined
+  config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file and preset, FILE:PRESET.",
+                                  lock_config=True)
+except (AttributeError, KeyError, TypeError, ValueError) as err:
+  _fail(f"bad --config override: {_one_line(err)}")
 flags.DEFINE_string("workdir", os.path.join("workdirs", "default"), "Checkpoints, logs and results.")
 flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval"], "What to run.")
 FLAGS = flags.FLAGS
@@ -32,6 +65,14 @@ class _QuietLibraries:
         n in record.pathname for n in noisy)
 
 
+def _parse_flags(argv):
+  """absl's parser, but a bad preset or config value is one `error:` line, exit 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(_one_line(e))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -40,7 +81,11 @@ def main(argv):
   from fewshot_jax.errors import FewshotError  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  config = FLAGS.config
+  try:
+    config = FLAGS.config
+    config.method  # pylint: disable=pointless-statement; a missing config file is reported here
+  except OSError as e:
+    _fail(f"cannot load --config: {_one_line(e)}; methods: {sorted(os.listdir(os.path.join(_HERE, 'configs')))}")
   try:
     if FLAGS.mode in ("train", "train_eval"):
       train.train_and_evaluate(config, FLAGS.workdir)
@@ -53,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

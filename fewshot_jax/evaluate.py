@@ -36,7 +36,8 @@ class Evaluator:
       dataset = input_pipeline.load(config, split, sharding.replicated(mesh))
     self.dataset = dataset
     ways, shots, queries = config.episode.ways, config.episode.shots, config.eval.queries
-    episodes.check_episode_fits(self.dataset, ways, shots, queries, split)
+    episodes.check_episode_fits(self.dataset, ways, shots, queries, split,
+                                ("episode.ways", "episode.shots", "eval.queries"))
     self.tasks = config.eval.tasks
     sharding.check_tasks_divisible(self.tasks, mesh, "eval.tasks")
     self.num_episodes = num_episodes

@@ -108,8 +108,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ways = config_lib.train_ways(config)
 
   train_data = input_pipeline.load(config, config.data.train_split, sharding.replicated(mesh))
+  ways_key = "episode.train_ways" if config.episode.train_ways else "episode.ways"
   episodes.check_episode_fits(train_data, ways, config.episode.shots, config.episode.queries,
-                              config.data.train_split)
+                              config.data.train_split, (ways_key, "episode.shots", "episode.queries"))
   validator = evaluate.Evaluator(method, config, mesh, config.data.val_split, config.eval.val_episodes)
 
   example = episodes.episode_shapes(ways, config.episode.shots, config.episode.queries,

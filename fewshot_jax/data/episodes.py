@@ -98,19 +98,25 @@ def load_split(builder, split: str, sharding=None) -> DeviceDataset:
   return jax.device_put(dataset, sharding) if sharding is not None else jax.device_put(dataset)
 
 
-def check_episode_fits(dataset: DeviceDataset, ways: int, shots: int, queries: int, split: str) -> None:
-  """Raises ConfigError if an N-way K-shot Q-query episode cannot be drawn without duplicates."""
+def check_episode_fits(dataset: DeviceDataset, ways: int, shots: int, queries: int, split: str,
+                       keys: tuple[str, str, str] = ("episode.ways", "episode.shots", "episode.queries")
+                       ) -> None:
+  """Raises ConfigError if an N-way K-shot Q-query episode cannot be drawn without duplicates.
+
+  `keys` are the config keys the three numbers came from, so the message names
+  what the user set (e.g. episode.train_ways for training, eval.queries for evaluation).
+  """
+  kw, ks, kq = keys
   if ways < 1 or shots < 1 or queries < 0:
-    raise ConfigError(f"episode needs ways >= 1, shots >= 1, queries >= 0; got ways={ways}, "
-                      f"shots={shots}, queries={queries}")
+    raise ConfigError(f"episode needs {kw} >= 1, {ks} >= 1, {kq} >= 0; got {ways}, {shots}, {queries}")
   if ways > dataset.num_classes:
-    raise ConfigError(f"episode.ways={ways} is larger than the {dataset.num_classes} classes of "
-                      f"split {split!r}; use ways <= {dataset.num_classes}")
+    raise ConfigError(f"{kw}={ways} is larger than the {dataset.num_classes} classes of "
+                      f"split {split!r}; use {kw} <= {dataset.num_classes}")
   smallest = dataset.min_class_size
   if shots + queries > smallest:
-    raise ConfigError(f"episode.shots + episode.queries = {shots} + {queries} = {shots + queries} is "
+    raise ConfigError(f"{ks} + {kq} = {shots} + {queries} = {shots + queries} is "
                       f"larger than the {smallest} images of the smallest class of split {split!r}; "
-                      f"use shots + queries <= {smallest}")
+                      f"use {ks} + {kq} <= {smallest}")
 
 
 def _sample_task(key, dataset: DeviceDataset, ways: int, shots: int, queries: int):
