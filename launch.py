@@ -53,6 +53,8 @@ except (AttributeError, KeyError, TypeError, ValueError) as err:
   _fail(f"bad --config override: {_one_line(err)}")
 flags.DEFINE_string("workdir", os.path.join("workdirs", "default"), "Checkpoints, logs and results.")
 flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval"], "What to run.")
+flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
+                  "(coordinator and process ids from the cluster environment).")
 FLAGS = flags.FLAGS
 
 
@@ -79,6 +81,9 @@ def main(argv):
   from fewshot_jax import evaluate  # pylint: disable=g-import-not-at-top
   from fewshot_jax import train  # pylint: disable=g-import-not-at-top
   from fewshot_jax.errors import FewshotError  # pylint: disable=g-import-not-at-top
+  if FLAGS.distributed:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
