@@ -66,3 +66,35 @@ def classification_metrics(logits, labels):
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   return loss, {"loss": loss, "accuracy": accuracy}
+
+
+def metric_method(name: str, model, head: Callable[..., Any]) -> Method:
+  """A method that embeds all images with one backbone and scores each task with `head`.
+
+  head(support [S, D], support_labels [S], query [Q, D], ways) -> logits [Q, N],
+  vmapped over tasks; the backbone runs once on the flattened meta-batch.
+  """
+
+  def logits_fn(params, state, episode, train):
+    ways = episode.classes.shape[1]
+    images, split = flatten_images(episode)
+    features, new_state = apply_backbone(model, params, state, images, train)
+    support, query = split(features)
+    task = lambda s, labels, q: head(s, labels, q, ways)
+    return jax.vmap(task)(support, episode.support_labels, query), new_state
+
+  def init(key, episode):
+    images, _ = flatten_images(episode)
+    return model.init(key, images, train=False)
+
+  def loss(params, state, episode, key):
+    del key
+    logits, new_state = logits_fn(params, state, episode, True)
+    value, metrics = classification_metrics(logits, episode.query_labels)
+    return value, (metrics, new_state)
+
+  def predict(params, state, episode, key):
+    del key
+    return logits_fn(params, state, episode, False)[0]
+
+  return Method(name, init, loss, predict)
