@@ -19,7 +19,7 @@ def test_ci_runs_the_readme_test_command():
   assert command in ci.splitlines()
 
 
-@pytest.mark.parametrize("method", ["protonet", "matchingnet"])
+@pytest.mark.parametrize("method", ["protonet", "matchingnet", "lgmnet"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_is_valid(method, preset):
   c = config_lib.validate(load_config(method, preset))

@@ -4,7 +4,7 @@ import importlib
 
 from fewshot_jax.errors import ConfigError
 
-METHODS = ("protonet", "matchingnet")
+METHODS = ("protonet", "matchingnet", "lgmnet")
 
 
 def build(config):

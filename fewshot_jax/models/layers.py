@@ -88,3 +88,17 @@ def max_pool_2x2(x):
   b, h, w, c = x.shape
   h2, w2 = h // 2, w // 2
   return x[:, :2 * h2, :2 * w2].reshape(b, h2, 2, w2, 2, c).max(axis=(2, 4))
+
+
+def max_pool_2x2_same(x):
+  """2x2/2 max-pool with TF 'SAME' padding (ceil(H/2) x ceil(W/2)) on [..., H, W, C].
+
+  SAME puts the one padding row / column of an odd size at the bottom / right;
+  padding with -inf keeps every window's max on real values (11 -> 6, 3 -> 2).
+  Reshape + max like `max_pool_2x2`, for the same gradient-speed reason.
+  """
+  *lead, h, w, c = x.shape
+  h2, w2 = -(-h // 2), -(-w // 2)
+  pad = [(0, 0)] * len(lead) + [(0, 2 * h2 - h), (0, 2 * w2 - w), (0, 0)]
+  x = jnp.pad(x, pad, constant_values=-jnp.inf)
+  return x.reshape(*lead, h2, 2, w2, 2, c).max(axis=(-4, -2))

@@ -1,0 +1,210 @@
+"""LGM-Net (Li et al., ICML 2019): learning to generate matching networks.
+
+The Extractor runs once on every image of every task (supports and queries of
+the meta-batch flattened to one batch), so in training its BatchNorm statistics
+are those of the whole meta-batch (intertask normalisation); the task context
+encoder likewise runs on the supports of all tasks at once. Each task's
+context c (mean over its supports) gives mu = c[:z], log_var = c[z:]; the
+weight generator turns z = mu + exp(log_var / 2) * noise into the TargetNet's
+kernels and biases (one noise draw per task and layer); the TargetNet embeds
+the task's supports and queries with those weights, and a matching classifier
+(softmax over the supports of cosine similarities, weighted one-hot labels)
+gives log p(class | query). Loss: mean cross-entropy on those log-probabilities.
+
+Prediction (`method.eval_mode`): 'single' (one noise draw from the key),
+'mean' (noise = 0, z = mu, deterministic), 'ensemble' (`method.ensemble_draws`
+draws, majority vote of their argmax predictions). `predict_all_modes` returns
+all three from one run of the extractor and context encoder.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fewshot_jax.errors import ConfigError
+from fewshot_jax.methods import common
+from fewshot_jax.methods.matchingnet import cosine_matching
+from fewshot_jax.models import backbones
+from fewshot_jax.models import layers
+from fewshot_jax.models import lgmnet as lgm
+
+EVAL_MODES = ("single", "mean", "ensemble")
+
+
+@dataclasses.dataclass(frozen=True)
+class LGMNetMethod(common.Method):
+  """common.Method plus LGM-Net's extra entry points.
+
+  predict_all_modes(params, state, episode, key) -> {mode: logits [T, N*Q, N]}.
+  log_probs(params, state, episode, noise [D, T, L, Z]) -> [D, T, N*Q, N]:
+    evaluation-mode log p(class | query) for D given noise draws.
+  noise_shape(tasks) -> (tasks, L, Z), one draw's noise for a meta-batch.
+  generated_weights(params, state, episode, noise [T, L, Z]) -> (kernels, biases):
+    the TargetNet weights of every task (evaluation-mode BatchNorm), for analysis.
+  """
+
+  predict_all_modes: Callable[..., Any] | None = None
+  log_probs: Callable[..., Any] | None = None
+  noise_shape: Callable[..., Any] | None = None
+  generated_weights: Callable[..., Any] | None = None
+
+
+def vote(log_probs):
+  """Majority vote of D predictions: log_probs [D, ..., N] -> scores [..., N].
+
+  The score is each class's number of votes plus half the softmax of the mean
+  log-probability over draws (a value in [0, 1/2]), so the argmax is the vote
+  winner and ties between equally voted classes go to the higher mean log-prob.
+  """
+  ways = log_probs.shape[-1]
+  counts = jax.nn.one_hot(jnp.argmax(log_probs, -1), ways, dtype=jnp.float32).sum(0)
+  return counts + 0.5 * jax.nn.softmax(jnp.mean(log_probs, 0), axis=-1)
+
+
+_KEYS = ("z_dim", "context_features", "target_features", "target_kernel", "l2_eps", "bn_momentum",
+         "bn_epsilon", "dropout_rate", "task_conv", "eval_mode", "ensemble_draws", "cosine_scale", "eps")
+
+
+def _check(mc) -> None:
+  missing = [k for k in _KEYS if k not in mc]
+  if missing:
+    raise ConfigError(f"method.name='lgmnet' needs method.{', method.'.join(missing)}; "
+                      "start from configs/lgmnet.py")
+  if mc.task_conv not in lgm.TASK_CONVS:
+    raise ConfigError(f"method.task_conv={mc.task_conv!r} is unknown; valid: {list(lgm.TASK_CONVS)}")
+  if mc.eval_mode not in EVAL_MODES:
+    raise ConfigError(f"method.eval_mode={mc.eval_mode!r} is unknown; valid: {list(EVAL_MODES)}")
+  for key in ("ensemble_draws", "z_dim", "context_features", "target_kernel"):
+    if not isinstance(mc[key], int) or mc[key] < 1:
+      raise ConfigError(f"method.{key}={mc[key]!r} must be a positive integer")
+  if not mc.target_features or any(not isinstance(f, int) or f < 1 for f in mc.target_features):
+    raise ConfigError(f"method.target_features={mc.target_features!r} must be a non-empty tuple of "
+                      "positive integers (the TargetNet's output channels per layer)")
+  if not 0.0 <= mc.dropout_rate < 1.0:
+    raise ConfigError(f"method.dropout_rate={mc.dropout_rate} must lie in [0, 1)")
+
+
+def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
+  mc = config.method
+  _check(mc)
+  impl = config.model.conv_impl
+  if impl not in ("auto", "xla", "matmul_wgrad"):
+    raise ConfigError(f"model.conv_impl={impl!r} is unknown; valid: ['auto', 'xla', 'matmul_wgrad']")
+  conv = layers.conv_function(impl)
+  dtype = backbones.dtype_from_config(config)
+  bn = dict(bn_momentum=mc.bn_momentum, bn_epsilon=mc.bn_epsilon)
+  extractor = lgm.Extractor(features=config.model.features, dropout_rate=mc.dropout_rate, dtype=dtype,
+                            conv_general_dilated=conv, **bn)
+  context_encoder = lgm.TaskContextEncoder(features=mc.context_features, context_dim=2 * mc.z_dim,
+                                           dtype=dtype, conv_general_dilated=conv, **bn)
+  k = mc.target_kernel
+  widths = (config.model.features,) + tuple(mc.target_features)
+  shapes = tuple((k, k, cin, cout) for cin, cout in zip(widths[:-1], widths[1:]))
+  generator = lgm.WeightGenerator(layer_shapes=shapes, l2_eps=mc.l2_eps)
+  z_dim = mc.z_dim
+  scale, match_eps = mc.cosine_scale, mc.eps
+
+  def noise_shape(tasks):
+    return (tasks, len(shapes), z_dim)
+
+  def embed(params, state, episode, train, key=None):
+    """Extractor on all images, context encoder on all supports -> per-task pieces."""
+    images, _ = common.flatten_images(episode)
+    t, s = episode.support.shape[:2]
+    q = episode.query.shape[1]
+    stats = state["batch_stats"]
+    ext_vars = {"params": params["extractor"], "batch_stats": stats["extractor"]}
+    ctx_vars = {"params": params["context_encoder"], "batch_stats": stats["context_encoder"]}
+    if train:
+      rngs = {"dropout": key} if key is not None else {}
+      feats, ext_new = extractor.apply(ext_vars, images, train=True, mutable=["batch_stats"], rngs=rngs)
+      ctx, ctx_new = context_encoder.apply(ctx_vars, feats[:t * s], train=True, mutable=["batch_stats"])
+      new_state = {"batch_stats": {"extractor": ext_new["batch_stats"],
+                                   "context_encoder": ctx_new["batch_stats"]}}
+    else:
+      feats = extractor.apply(ext_vars, images, train=False)
+      ctx = context_encoder.apply(ctx_vars, feats[:t * s], train=False)
+      new_state = state
+    fshape = feats.shape[1:]
+    support = feats[:t * s].reshape((t, s) + fshape)
+    query = feats[t * s:].reshape((t, q) + fshape)
+    context = ctx.reshape(t, s, -1).mean(1)  # [T, 2Z]
+    return support, query, context, new_state
+
+  def generate(params, context, noise):
+    """Kernels [T, kh, kw, C, N] and biases [T, N] of every TargetNet layer."""
+    return generator.apply({"params": params["weight_generator"]}, context[:, :z_dim],
+                           context[:, z_dim:], noise)
+
+  def head(params, support, query, context, support_labels, ways, noise):
+    """log p(class | query) [T, Q, N] for one noise draw [T, L, Z]."""
+    kernels, biases = generate(params, context, noise)
+    s = support.shape[1]
+    emb = lgm.target_net(jnp.concatenate([support, query], axis=1), kernels, biases, mc.task_conv, conv)
+    match = lambda se, labels, qe: cosine_matching(qe, se, labels, ways, scale, match_eps)
+    return jax.vmap(match)(emb[:, :s], support_labels, emb[:, s:])
+
+  def init(key, episode):
+    ext_key, ctx_key, gen_key = jax.random.split(key, 3)
+    images, _ = common.flatten_images(episode)
+    t, s = episode.support.shape[:2]
+    ext = extractor.init(ext_key, images, train=False)
+    feat = jax.eval_shape(lambda v, x: extractor.apply(v, x, train=False), ext, images)
+    ctx = context_encoder.init(ctx_key, jnp.zeros((t * s,) + feat.shape[1:], feat.dtype), train=False)
+    zeros = jnp.zeros((t, z_dim), jnp.float32)
+    gen = generator.init(gen_key, zeros, zeros, jnp.zeros(noise_shape(t), jnp.float32))
+    return {"params": {"extractor": ext["params"], "context_encoder": ctx["params"],
+                       "weight_generator": gen["params"]},
+            "batch_stats": {"extractor": ext["batch_stats"], "context_encoder": ctx["batch_stats"]}}
+
+  def loss(params, state, episode, key):
+    noise_key, dropout_key = jax.random.split(key)
+    ways = episode.classes.shape[1]
+    support, query, context, new_state = embed(params, state, episode, True, dropout_key)
+    noise = jax.random.normal(noise_key, noise_shape(support.shape[0]), jnp.float32)
+    log_p = head(params, support, query, context, episode.support_labels, ways, noise)
+    # log_p are log-probabilities; softmax cross-entropy on them equals -log p up to eps.
+    value, metrics = common.classification_metrics(log_p, episode.query_labels)
+    return value, (metrics, new_state)
+
+  def eval_log_probs(params, state, episode, noise):
+    ways = episode.classes.shape[1]
+    support, query, context, _ = embed(params, state, episode, False)
+    one = lambda n: head(params, support, query, context, episode.support_labels, ways, n)
+    return jax.vmap(one)(noise)
+
+  def draws(key, mode, tasks):
+    """Noise [D, T, L, Z] of an evaluation mode."""
+    if mode == "mean":
+      return jnp.zeros((1,) + noise_shape(tasks), jnp.float32)
+    n = 1 if mode == "single" else mc.ensemble_draws
+    return jax.random.normal(key, (n,) + noise_shape(tasks), jnp.float32)
+
+  def scores(mode, log_p):
+    return vote(log_p) if mode == "ensemble" else log_p[0]
+
+  def predict(params, state, episode, key):
+    mode = mc.eval_mode
+    log_p = eval_log_probs(params, state, episode, draws(key, mode, episode.support.shape[0]))
+    return scores(mode, log_p)
+
+  def predict_all_modes(params, state, episode, key):
+    t = episode.support.shape[0]
+    noise = jnp.concatenate([draws(key, m, t) for m in EVAL_MODES])
+    log_p = eval_log_probs(params, state, episode, noise)
+    out, start = {}, 0
+    for m in EVAL_MODES:
+      n = 1 if m != "ensemble" else mc.ensemble_draws
+      out[m] = scores(m, log_p[start:start + n])
+      start += n
+    return out
+
+  def generated_weights(params, state, episode, noise):
+    return generate(params, embed(params, state, episode, False)[2], noise)
+
+  return LGMNetMethod("lgmnet", init, loss, predict, predict_all_modes=predict_all_modes,
+                      log_probs=eval_log_probs, noise_shape=noise_shape,
+                      generated_weights=generated_weights)
