@@ -74,8 +74,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   evaluator = Evaluator(method, config, mesh, config.eval.split, config.eval.episodes)
   result = {"method": config.method.name, "dataset": config.data.name, "split": config.eval.split,
             "ways": config.episode.ways, "shots": config.episode.shots, "queries": config.eval.queries,
-            "episodes": config.eval.episodes, **evaluator.run(state.params, state.model_state),
-            "step": int(state.step)}
-  result["episodes"] = config.eval.episodes
+            **evaluator.run(state.params, state.model_state), "step": int(state.step)}
   checkpoint.write_json(os.path.join(workdir, f"eval_{config.eval.split}.json"), result)
   return result
