@@ -7,7 +7,6 @@ two baselines are directly comparable.
 import importlib.util
 import os
 
-from fewshot_jax import config as base
 
 
 def _protonet():
