@@ -16,6 +16,10 @@ from fewshot_jax.errors import ConfigError
 
 DATASETS = ("omniglot", "mini_imagenet", "synthetic")
 SCHEMES = {"omniglot": ("vinyals", "lake"), "mini_imagenet": ("ravi",), "synthetic": ("default",)}
+# Evaluation protocols (evaluate.py): 'standard' = eval.episodes episodes with
+# eval.queries queries per class, no augmentation; 'reference' = as the LGM-Net
+# code: eval.reference_tasks tasks of ONE query each, training augmentation on.
+PROTOCOLS = ("standard", "reference")
 _MANUAL_SUBDIR = {"omniglot": "omniglot", "mini_imagenet": "miniimagenet", "synthetic": None}
 
 
@@ -50,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_steps=0, weight_decay=0.0, grad_clip=0.0, keep_checkpoints=2))
   c.eval = ml_collections.ConfigDict(dict(
       episodes=600, split="test", queries=15, tasks=8, seed=1234, val_episodes=300,
-      checkpoint="best"))
+      checkpoint="best", protocol="standard", reference_tasks=8000))
   return c
 
 
@@ -96,6 +100,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"train.lr={c.train.lr} must be > 0")
   if c.eval.split not in ("train", "val", "test"):
     raise ConfigError(f"eval.split={c.eval.split!r} is unknown; valid: ['train', 'val', 'test']")
+  if c.eval.protocol not in PROTOCOLS:
+    raise ConfigError(f"eval.protocol={c.eval.protocol!r} is unknown; valid: {list(PROTOCOLS)}")
+  if not isinstance(c.eval.reference_tasks, int) or c.eval.reference_tasks < 1:
+    raise ConfigError(f"eval.reference_tasks={c.eval.reference_tasks!r} must be a positive integer")
   if c.eval.checkpoint not in ("best", "latest"):
     raise ConfigError(f"eval.checkpoint={c.eval.checkpoint!r} is unknown; valid: ['best', 'latest']")
   return c

@@ -4,6 +4,7 @@ Episode i is drawn from fold_in(eval.seed, i), so every method, checkpoint,
 batch size and device count is scored on the very same episodes.
 """
 
+import json
 import math
 import os
 
@@ -18,6 +19,7 @@ from fewshot_jax import sharding
 from fewshot_jax.data import augment as augment_lib
 from fewshot_jax.data import episodes
 from fewshot_jax.data import input_pipeline
+from fewshot_jax.errors import ConfigError
 
 
 def summarize(per_episode: np.ndarray) -> dict:
@@ -27,53 +29,110 @@ def summarize(per_episode: np.ndarray) -> dict:
           "episodes": int(len(acc))}
 
 
+def _modes(method, params, model_state, episode, key) -> dict:
+  """{mode: logits} — every prediction mode a method has (LGM-Net: single/mean/ensemble)."""
+  predict_all = getattr(method, "predict_all_modes", None)
+  if predict_all is not None:
+    return predict_all(params, model_state, episode, key)
+  return {"default": method.predict(params, model_state, episode, key)}
+
+
+def default_mode(config: ml_collections.ConfigDict) -> str:
+  """The mode whose accuracy selects checkpoints and heads eval_<split>.json."""
+  return config.method.get("eval_mode", "default")
+
+
 class Evaluator:
-  """Scores (params, model_state) on `num_episodes` episodes of one split."""
+  """Scores (params, model_state) on `num_episodes` episodes of one split under one protocol.
+
+  'standard': N-way K-shot episodes with eval.queries queries per class and no
+  augmentation. 'reference' (the LGM-Net code's test): tasks with ONE query,
+  drawn uniformly from the task's classes, and the training augmentation
+  (per-class rotation) applied. Every prediction mode of the method is scored
+  on the same episodes and the same noise.
+  """
 
   def __init__(self, method, config: ml_collections.ConfigDict, mesh, split: str, num_episodes: int,
-               dataset: episodes.DeviceDataset | None = None):
+               dataset: episodes.DeviceDataset | None = None, protocol: str | None = None):
     if dataset is None:
       dataset = input_pipeline.load(config, split, sharding.replicated(mesh))
     self.dataset = dataset
-    ways, shots, queries = config.episode.ways, config.episode.shots, config.eval.queries
+    self.protocol = protocol or config.eval.protocol
+    if self.protocol not in config_lib.PROTOCOLS:
+      raise ConfigError(f"eval.protocol={self.protocol!r} is unknown; valid: {list(config_lib.PROTOCOLS)}")
+    reference = self.protocol == "reference"
+    ways, shots = config.episode.ways, config.episode.shots
+    queries = 1 if reference else config.eval.queries
     episodes.check_episode_fits(self.dataset, ways, shots, queries, split,
                                 ("episode.ways", "episode.shots", "eval.queries"))
     self.tasks = config.eval.tasks
     sharding.check_tasks_divisible(self.tasks, mesh, "eval.tasks")
     self.num_episodes = num_episodes
+    self.queries = 1 if reference else queries * ways  # per episode
+    self.default_mode = default_mode(config)
     batch_sharding = sharding.task_sharded(mesh)
-    aug = augment_lib.from_config(config, ways)
+    aug = augment_lib.from_config(config, ways, training=reference)
     sample_key, predict_key = jax.random.split(jax.random.key(config.eval.seed))
     sampling = dict(ways=ways, shots=shots, queries=queries, augment=aug)
+
+    def one_query(key, episode):
+      """Keeps one query per task, chosen uniformly (the reference protocol)."""
+      pick = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (1,), 0, ways))(key)
+      take = lambda x: jnp.take_along_axis(x, pick.reshape(pick.shape + (1,) * (x.ndim - 2)), axis=1)
+      return episode.replace(query=take(episode.query), query_labels=take(episode.query_labels))
 
     @jax.jit
     def batch_accuracy(params, model_state, dataset, start):
       ids = start + jnp.arange(self.tasks)
       task_keys = jax.vmap(lambda i: jax.random.fold_in(sample_key, i))(ids)
       episode = episodes.sample_tasks(task_keys, dataset, **sampling)
+      if reference:
+        episode = one_query(task_keys, episode)
       episode = jax.lax.with_sharding_constraint(episode, batch_sharding)
-      logits = method.predict(params, model_state, episode, jax.random.fold_in(predict_key, start))
-      return jnp.mean(jnp.argmax(logits, -1) == episode.query_labels, axis=-1)
+      logits = _modes(method, params, model_state, episode, jax.random.fold_in(predict_key, start))
+      return {m: jnp.mean(jnp.argmax(l, -1) == episode.query_labels, axis=-1) for m, l in logits.items()}
 
     self._batch_accuracy = batch_accuracy
 
-  def per_episode(self, params, model_state) -> np.ndarray:
-    accs = [self._batch_accuracy(params, model_state, self.dataset, start)
-            for start in range(0, self.num_episodes, self.tasks)]
-    return np.concatenate(jax.device_get(accs))[:self.num_episodes]
+  def per_episode(self, params, model_state) -> dict:
+    """{mode: accuracy of each episode [num_episodes]}."""
+    accs = jax.device_get([self._batch_accuracy(params, model_state, self.dataset, start)
+                           for start in range(0, self.num_episodes, self.tasks)])
+    return {m: np.concatenate([a[m] for a in accs])[:self.num_episodes] for m in accs[0]}
 
   def run(self, params, model_state) -> dict:
-    return summarize(self.per_episode(params, model_state))
+    """The default mode's summary, plus `modes`: {mode: summary} for every mode."""
+    modes = {m: summarize(a) for m, a in self.per_episode(params, model_state).items()}
+    head = modes.get(self.default_mode, next(iter(modes.values())))
+    return {**head, "protocol": self.protocol, "queries_per_episode": self.queries,
+            "mode": self.default_mode if self.default_mode in modes else next(iter(modes)),
+            "modes": modes}
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Scores the best (or latest) checkpoint on eval.split; writes <workdir>/eval_<split>.json."""
+  """Scores the best (or latest) checkpoint on eval.split under eval.protocol.
+
+  Writes <workdir>/eval_<split>.json as {protocol: result}; a run of the other
+  protocol adds its entry beside this one. The standard protocol scores
+  eval.episodes episodes, the reference protocol eval.reference_tasks tasks.
+  """
   config_lib.validate(config)
   mesh = sharding.make_mesh()
   method, state = checkpoint.load_for_eval(config, workdir, mesh, config.eval.checkpoint)
-  evaluator = Evaluator(method, config, mesh, config.eval.split, config.eval.episodes)
+  protocol = config.eval.protocol
+  num = config.eval.reference_tasks if protocol == "reference" else config.eval.episodes
+  evaluator = Evaluator(method, config, mesh, config.eval.split, num)
   result = {"method": config.method.name, "dataset": config.data.name, "split": config.eval.split,
-            "ways": config.episode.ways, "shots": config.episode.shots, "queries": config.eval.queries,
+            "ways": config.episode.ways, "shots": config.episode.shots,
             **evaluator.run(state.params, state.model_state), "step": int(state.step)}
-  checkpoint.write_json(os.path.join(workdir, f"eval_{config.eval.split}.json"), result)
+  path = os.path.join(workdir, f"eval_{config.eval.split}.json")
+  written = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        written = json.load(f)
+      except json.JSONDecodeError:
+        written = {}
+    written = {k: v for k, v in written.items() if k in config_lib.PROTOCOLS}
+  checkpoint.write_json(path, {**written, protocol: result})
   return result

@@ -151,9 +151,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       t0, done_since_t0 = time.time(), 0
     if step % tc.eval_every == 0 or step == tc.steps:
       result = validator.run(state.params, state.model_state)
-      logging.info("step %d validation accuracy %.2f%% +- %.2f (%d episodes of %s)", step,
-                   result["accuracy"], result["ci95"], result["episodes"], config.data.val_split)
-      writer.scalars(step, {"val/accuracy": result["accuracy"]})
+      others = ", ".join(f"{m} {r['accuracy']:.2f}" for m, r in result["modes"].items() if m != result["mode"])
+      logging.info("step %d validation accuracy %.2f%% +- %.2f (%d %s episodes of %s, %s mode)%s", step,
+                   result["accuracy"], result["ci95"], result["episodes"], result["protocol"],
+                   config.data.val_split, result["mode"], f"; {others}" if others else "")
+      writer.scalars(step, {"val/accuracy": result["accuracy"]} |
+                     {f"val/accuracy_{m}": r["accuracy"] for m, r in result["modes"].items()})
       ckpt.save(ckpt.latest, state, meta)
       ckpt.save(ckpt.best, state, meta, metrics={"val_accuracy": result["accuracy"]})
       ckpt.wait()

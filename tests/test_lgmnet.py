@@ -279,3 +279,68 @@ def test_bad_config_values_name_the_key():
   for key, value in (("task_conv", "loop"), ("eval_mode", "vote")):
     with pytest.raises(ConfigError, match=f"method.{key}"):
       methods.build(_config(**{key: value}))
+
+
+def test_standard_evaluation_does_not_rotate_but_reference_does():
+  """Per-class rotation is training (and reference-protocol) augmentation only."""
+  from fewshot_jax.data import augment
+  c = load_config("lgmnet", "mini-5w1s")
+  rng = np.random.default_rng(0)
+  support = jnp.asarray(rng.integers(0, 256, (5, 84, 84, 3)), jnp.uint8)
+  query = jnp.asarray(rng.integers(0, 256, (5, 84, 84, 3)), jnp.uint8)
+  labels = jnp.arange(5, dtype=jnp.int32)
+  run = lambda aug: aug(jax.random.key(3), support, labels, query, labels)
+  plain = augment.normalise(support, c.data.mean, c.data.std)
+  standard = run(augment.from_config(c, 5, training=False))
+  np.testing.assert_allclose(standard[0], plain, atol=1e-6)
+  reference = run(augment.from_config(c, 5, training=True))
+  assert not np.allclose(reference[0], plain, atol=1e-3)  # 5 classes: some angle is nonzero
+
+
+def _tiny_dataset(classes=10, per_class=6, size=16, seed=0):
+  rng = np.random.default_rng(seed)
+  protos = rng.integers(0, 256, (classes, size, size, 1))
+  noise = rng.integers(-40, 40, (classes, per_class, size, size, 1))
+  images = np.clip(protos[:, None] + noise, 0, 255).astype(np.uint8).reshape(-1, size, size, 1)
+  return jax.device_put(episodes.from_arrays(images, np.repeat(np.arange(classes), per_class)))
+
+
+def test_protocols_score_every_mode_on_the_same_episodes():
+  from fewshot_jax import evaluate
+  config = _config(eval_mode="ensemble")
+  config.data.image_size = 16
+  config.eval.update(tasks=4, queries=4)
+  method, ep, params, state = _setup()
+  dataset, mesh = _tiny_dataset(), sharding.make_mesh()
+  standard = evaluate.Evaluator(method, config, mesh, "val", 12, dataset=dataset, protocol="standard")
+  reference = evaluate.Evaluator(method, config, mesh, "val", 40, dataset=dataset, protocol="reference")
+  s, r = standard.run(params, state), reference.run(params, state)
+  assert set(s["modes"]) == set(r["modes"]) == {"single", "mean", "ensemble"}
+  assert s["mode"] == "ensemble" and s["accuracy"] == s["modes"]["ensemble"]["accuracy"]
+  assert (s["queries_per_episode"], s["episodes"]) == (5 * 4, 12)
+  assert (r["queries_per_episode"], r["episodes"]) == (1, 40)
+  per_task = reference.per_episode(params, state)["mean"]
+  assert set(np.unique(per_task)) <= {0.0, 1.0}  # one query per task: right or wrong
+  # Deterministic: the same episodes and noise on every call.
+  np.testing.assert_array_equal(per_task, reference.per_episode(params, state)["mean"])
+
+
+@pytest.mark.slow
+def test_short_real_omniglot_lgmnet_run_learns(make_config, tmp_path):
+  """120 meta-batches of real Omniglot lift 5-way 1-shot accuracy far above chance, in both protocols."""
+  import json
+  from fewshot_jax import evaluate
+  config = make_config("lgmnet", "omniglot-5w1s", **{
+      "episode.train_ways": 10, "episode.tasks": 2, "train.steps": 120, "train.eval_every": 120,
+      "train.log_every": 60, "train.steps_per_call": 30, "eval.val_episodes": 48, "eval.episodes": 96,
+      "eval.reference_tasks": 320})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  standard = evaluate.evaluate_checkpoint(config, str(tmp_path))
+  config.eval.protocol = "reference"
+  reference = evaluate.evaluate_checkpoint(config, str(tmp_path))
+  for result in (standard, reference):
+    assert set(result["modes"]) == {"single", "mean", "ensemble"}
+    for mode in result["modes"].values():
+      assert mode["accuracy"] > 40.0, result  # chance: 20%; measured 52 (standard protocol)
+  with open(tmp_path / "eval_test.json") as f:
+    assert json.load(f) == {"standard": standard, "reference": reference}

@@ -111,11 +111,12 @@ def test_short_omniglot_run_learns(make_config, tmp_path):
   assert result["accuracy"] > 85.0, result
   with open(tmp_path / "eval_test.json") as f:
     written = json.load(f)
-  assert written == result
-  assert set(written) == {"method", "dataset", "split", "ways", "shots", "queries", "episodes",
-                          "accuracy", "ci95", "step"}
-  assert (written["ways"], written["shots"], written["queries"], written["episodes"]) == (5, 1, 15, 200)
-  assert 0 < written["ci95"] < 5
+  assert written == {"standard": result}
+  assert set(result) == {"method", "dataset", "split", "ways", "shots", "protocol", "queries_per_episode",
+                         "episodes", "accuracy", "ci95", "mode", "modes", "step"}
+  assert (result["ways"], result["shots"], result["queries_per_episode"], result["episodes"]) == (5, 1, 75, 200)
+  assert result["modes"] == {"default": {k: result[k] for k in ("accuracy", "ci95", "episodes")}}
+  assert 0 < result["ci95"] < 5
 
 
 def test_short_matchingnet_run_learns(make_config, tmp_path):

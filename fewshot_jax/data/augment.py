@@ -72,10 +72,15 @@ def task_augment(key, support, support_labels, query, query_labels, *, mean, std
   return support, query
 
 
-def from_config(config: ml_collections.ConfigDict, ways: int):
-  """Builds the task augmentation of `config.data` / `config.augment`; train and eval share it.
+def from_config(config: ml_collections.ConfigDict, ways: int, training: bool = True):
+  """Builds the task augmentation of `config.data` / `config.augment`.
 
-  Evaluation passes ways of its own because per-class rotation draws one angle per class.
+  training=False is the standard evaluation protocol: normalise and resize only.
+  Per-class rotation must not reach standard evaluation: the angle (and the
+  black corners it leaves) is shared by a class's supports and queries, so a
+  model can match on it instead of on content (measured on LGM-Net, README).
+  The `reference` protocol of evaluate.py passes training=True, as the LGM-Net
+  code does. `ways` is the episode's way count (one angle per class).
   """
   aug = config.augment
   if aug.flip_prob < 0 or aug.flip_prob > 1:
@@ -83,4 +88,5 @@ def from_config(config: ml_collections.ConfigDict, ways: int):
   size = config.data.get("input_size") or config.data.image_size
   return functools.partial(
       task_augment, mean=config.data.mean, std=config.data.std, size=size,
-      flip_prob=aug.flip_prob, class_rotations=tuple(aug.class_rotations), ways=ways)
+      flip_prob=aug.flip_prob if training else 0.0,
+      class_rotations=tuple(aug.class_rotations) if training else (), ways=ways)

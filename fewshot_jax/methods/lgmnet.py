@@ -44,12 +44,17 @@ class LGMNetMethod(common.Method):
   noise_shape(tasks) -> (tasks, L, Z), one draw's noise for a meta-batch.
   generated_weights(params, state, episode, noise [T, L, Z]) -> (kernels, biases):
     the TargetNet weights of every task (evaluation-mode BatchNorm), for analysis.
+  train_log_probs(params, state, episode, noise [T, L, Z], key=None) -> (log_probs [T, N*Q, N], state):
+    the training-mode log p(class | query) that `loss` scores (intertask BatchNorm,
+    updated statistics returned) for given noise; for parity tests against other
+    implementations.
   """
 
   predict_all_modes: Callable[..., Any] | None = None
   log_probs: Callable[..., Any] | None = None
   noise_shape: Callable[..., Any] | None = None
   generated_weights: Callable[..., Any] | None = None
+  train_log_probs: Callable[..., Any] | None = None
 
 
 def vote(log_probs):
@@ -160,12 +165,15 @@ def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
                        "weight_generator": gen["params"]},
             "batch_stats": {"extractor": ext["batch_stats"], "context_encoder": ctx["batch_stats"]}}
 
+  def train_log_probs(params, state, episode, noise, key=None):
+    support, query, context, new_state = embed(params, state, episode, True, key)
+    ways = episode.classes.shape[1]
+    return head(params, support, query, context, episode.support_labels, ways, noise), new_state
+
   def loss(params, state, episode, key):
     noise_key, dropout_key = jax.random.split(key)
-    ways = episode.classes.shape[1]
-    support, query, context, new_state = embed(params, state, episode, True, dropout_key)
-    noise = jax.random.normal(noise_key, noise_shape(support.shape[0]), jnp.float32)
-    log_p = head(params, support, query, context, episode.support_labels, ways, noise)
+    noise = jax.random.normal(noise_key, noise_shape(episode.support.shape[0]), jnp.float32)
+    log_p, new_state = train_log_probs(params, state, episode, noise, dropout_key)
     # log_p are log-probabilities; softmax cross-entropy on them equals -log p up to eps.
     value, metrics = common.classification_metrics(log_p, episode.query_labels)
     return value, (metrics, new_state)
@@ -207,4 +215,4 @@ def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
 
   return LGMNetMethod("lgmnet", init, loss, predict, predict_all_modes=predict_all_modes,
                       log_probs=eval_log_probs, noise_shape=noise_shape,
-                      generated_weights=generated_weights)
+                      generated_weights=generated_weights, train_log_probs=train_log_probs)
