@@ -15,12 +15,9 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
-from fewshot_jax import config as config_lib
 from fewshot_jax import methods
 from fewshot_jax import sharding
 from fewshot_jax import state as state_lib
-from fewshot_jax.data import episodes
-from fewshot_jax.data import input_pipeline
 from fewshot_jax.errors import CheckpointError
 
 
@@ -153,10 +150,8 @@ def abstract_like(state, target_sharding):
 def load_for_eval(config, workdir, mesh, which: str):
   """Restores params and model state of the best (or latest) checkpoint in workdir."""
   method = methods.build(config)
-  tx = state_lib.make_optimizer(config)
-  ways = config_lib.train_ways(config)
-  example = episodes.episode_shapes(ways, config.episode.shots, config.episode.queries,
-                                    config.episode.tasks, input_pipeline.input_shape(config))
+  tx = state_lib.optimizer_for(method, config)
+  example = state_lib.train_example(method, config)
   abstract = jax.eval_shape(functools.partial(state_lib.init_state, method, tx), jax.random.key(0), example)
   root = os.path.join(os.path.abspath(workdir), "best" if which == "best" else "checkpoints")
   if not os.path.isdir(root):

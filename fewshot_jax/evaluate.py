@@ -125,6 +125,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   result = {"method": config.method.name, "dataset": config.data.name, "split": config.eval.split,
             "ways": config.episode.ways, "shots": config.episode.shots,
             **evaluator.run(state.params, state.model_state), "step": int(state.step)}
+  if getattr(method, "deform", None) is not None:
+    result["figure"] = write_deformation_figure(method, state, config, evaluator, workdir)
   path = os.path.join(workdir, f"eval_{config.eval.split}.json")
   written = {}
   if os.path.exists(path):
@@ -136,3 +138,26 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     written = {k: v for k, v in written.items() if k in config_lib.PROTOCOLS}
   checkpoint.write_json(path, {**written, protocol: result})
   return result
+
+
+def write_deformation_figure(method, state, config, evaluator: Evaluator, workdir: str, rows: int = 12) -> str:
+  """PNG of (probe, gallery, patch weights, deformed) for the first evaluation episodes.
+
+  The episodes are the evaluator's first ones (standard protocol sampling), so
+  the figure of every checkpoint shows the same supports.
+  """
+  from fewshot_jax import figures  # pylint: disable=g-import-not-at-top
+  ways, shots = config.episode.ways, config.episode.shots
+  aug = augment_lib.from_config(config, ways, training=False)
+  sample_key, _ = jax.random.split(jax.random.key(config.eval.seed))
+  keys = jax.vmap(lambda i: jax.random.fold_in(sample_key, i))(jnp.arange(config.eval.tasks))
+  episode = episodes.sample_tasks(keys, evaluator.dataset, ways=ways, shots=shots, queries=1, augment=aug)
+  probe, gallery, weights, deformed = jax.device_get(
+      jax.jit(method.deform)(state.params, state.model_state, episode, jax.random.key(config.eval.seed)))
+  take = lambda x: x[:, :, 0].reshape((-1,) + x.shape[3:])[:rows]  # first copy of each support
+  path = os.path.join(workdir, f"deformations_{config.eval.split}.png")
+  figures.deformation_grid(path, take(probe), take(gallery), take(weights), take(deformed),
+                           mean=config.data.mean, std=config.data.std, grid=config.method.grid,
+                           max_rows=rows, title=f"{config.method.name} step {int(state.step)}, "
+                                                f"{config.eval.split} episodes")
+  return path

@@ -6,6 +6,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from fewshot_jax.errors import ConfigError
@@ -60,3 +61,26 @@ def init_state(method, tx, key, example) -> TrainState:
   model_state = {k: v for k, v in variables.items() if k != "params"}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                     opt_state=tx.init(params))
+
+
+def optimizer_for(method, config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The method's own optimiser (per-module learning rates, frozen parts) or the default one."""
+  return method.optimizer(config) if method.optimizer is not None else make_optimizer(config)
+
+
+def train_example(method, config: ml_collections.ConfigDict):
+  """Shapes of one training batch: the method's own, or T episodes of config.episode.*."""
+  from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fewshot_jax.data import episodes  # pylint: disable=g-import-not-at-top
+  from fewshot_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  if method.train_example is not None:
+    return method.train_example()
+  return episodes.episode_shapes(config_lib.train_ways(config), config.episode.shots,
+                                 config.episode.queries, config.episode.tasks,
+                                 input_pipeline.input_shape(config))
+
+
+def images_per_task(example, tasks: int) -> float:
+  """Images in one task of a batch (every leaf of rank >= 4 is a stack of images)."""
+  leaves = [x for x in jax.tree.leaves(example) if len(x.shape) >= 4]
+  return sum(int(np.prod(x.shape[:-3])) for x in leaves) / max(1, tasks)

@@ -40,7 +40,10 @@ def make_train_fn(method, tx, config, mesh) -> Callable:
   def one_step(state, dataset, base_key):
     key = jax.random.fold_in(base_key, state.step)
     sample_key, loss_key = jax.random.split(key)
-    episode = episodes.sample_episodes(sample_key, dataset, **sampling)
+    if method.train_batch is not None:
+      episode = method.train_batch(sample_key, dataset)
+    else:
+      episode = episodes.sample_episodes(sample_key, dataset, **sampling)
     episode = jax.lax.with_sharding_constraint(episode, batch_sharding)
     grad_fn = jax.value_and_grad(method.loss, has_aux=True)
     (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, episode, loss_key)
@@ -104,17 +107,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh()
   sharding.check_tasks_divisible(config.episode.tasks, mesh, "episode.tasks")
   method = methods.build(config)
-  tx = state_lib.make_optimizer(config)
+  tx = state_lib.optimizer_for(method, config)
   ways = config_lib.train_ways(config)
 
   train_data = input_pipeline.load(config, config.data.train_split, sharding.replicated(mesh))
-  ways_key = "episode.train_ways" if config.episode.train_ways else "episode.ways"
-  episodes.check_episode_fits(train_data, ways, config.episode.shots, config.episode.queries,
-                              config.data.train_split, (ways_key, "episode.shots", "episode.queries"))
+  if method.train_batch is None:
+    ways_key = "episode.train_ways" if config.episode.train_ways else "episode.ways"
+    episodes.check_episode_fits(train_data, ways, config.episode.shots, config.episode.queries,
+                                config.data.train_split, (ways_key, "episode.shots", "episode.queries"))
   validator = evaluate.Evaluator(method, config, mesh, config.data.val_split, config.eval.val_episodes)
 
-  example = episodes.episode_shapes(ways, config.episode.shots, config.episode.queries,
-                                    config.episode.tasks, input_pipeline.input_shape(config))
+  example = state_lib.train_example(method, config)
   root_key = jax.random.key(config.train.seed)
   init_key, train_key = jax.random.split(root_key)
   state = jax.jit(functools.partial(state_lib.init_state, method, tx), out_shardings=sharding.replicated(mesh))(
@@ -124,6 +127,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if ckpt.latest.latest_step() is not None:
     state = checkpoint.restore(ckpt.latest, checkpoint.abstract_like(state, sharding.replicated(mesh)), config)
     logging.info("Resumed from %s at step %d", ckpt.latest.directory, int(state.step))
+  elif method.setup is not None:
+    variables = method.setup({"params": state.params, **state.model_state}, train_data)
+    params = variables.pop("params")
+    state = jax.device_put(state.replace(params=params, model_state=variables, opt_state=tx.init(params)),
+                           sharding.replicated(mesh))
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
 
@@ -133,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tc = config.train
   start = int(state.step)
   step, t0, done_since_t0 = start, time.time(), 0
-  images_per_episode = ways * (config.episode.shots + config.episode.queries)
+  images_per_episode = state_lib.images_per_task(example, config.episode.tasks)
   for length in call_lengths(start, tc.steps, tc.steps_per_call, (tc.log_every, tc.eval_every)):
     state, metrics = train_fn(state, train_data, train_key, length)
     step += length

@@ -4,7 +4,7 @@ import importlib
 
 from fewshot_jax.errors import ConfigError
 
-METHODS = ("protonet", "matchingnet", "lgmnet")
+METHODS = ("protonet", "matchingnet", "lgmnet", "idemenet", "idemenet_pretrain")
 
 
 def build(config):

@@ -17,6 +17,11 @@ class Method:
     the non-trainable collections (BatchNorm statistics), updated in training.
   predict(params, state, episode, key) -> logits [T, N*Q, N].
   optimizer(config) -> optax transformation, or None for the trainer's default.
+  Optional hooks, for methods whose training is not plain episodes:
+  train_batch(key, dataset) -> the batch `loss` trains on (default: episodes of
+    config.episode.*); train_example() -> its shapes, for init.
+  setup(variables, train_dataset) -> variables: once, on a fresh (not resumed)
+    run, after init: load pretrained weights, build a gallery.
   """
 
   name: str
@@ -24,6 +29,9 @@ class Method:
   loss: Callable[..., Any]
   predict: Callable[..., Any]
   optimizer: Callable[..., Any] | None = None
+  train_batch: Callable[..., Any] | None = None
+  train_example: Callable[..., Any] | None = None
+  setup: Callable[..., Any] | None = None
 
 
 def flatten_images(episode):

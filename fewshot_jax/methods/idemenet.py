@@ -1,0 +1,310 @@
+"""IDeMe-Net stage 2 (Chen et al., CVPR 2019): meta-learn image deformations.
+
+Per task: the embedding E (ResNet-18, BatchNorm frozen) embeds real supports
+and queries; each class's prototype picks its `choose_num` nearest gallery
+images (the gallery: `gallery_per_class` base-class images per class, chosen
+once, embedded once by the stage-1 E, kept in the model state so checkpoints
+carry it); every support gets `augnum` deformed copies: probe = the support,
+flipped with probability `probe_flip`, gallery = a uniformly chosen candidate,
+deformed = W * probe + (1 - W) * gallery with W the deformation net D's G x G
+patch weights. Prototypes average real and deformed supports; logits are
+-scale * squared distance.
+
+Two losses, each updating only its own parameters (the reference's separate
+optimisers), in one backward pass:
+  prototype loss -> D and scale: E's parameters enter it through stop_gradient,
+    so its gradient reaches D through E's activations but never E itself;
+  classification loss (64-way fc on E(deformed), the probe's base class) ->
+    E and fc: the deformed images enter it through stop_gradient. It is
+    computed only when E trains (method.fix_embedding=False) and its updates
+    start at method.cls_start_step (the reference skips the first epoch).
+optax.multi_transform gives each group its learning rate; a fixed group
+(fix_embedding / fix_deformation, for alternating rounds) gets set_to_zero.
+
+Everything (candidate choice, fusion, both embeddings) is inside the jitted
+step: E and D run once on the images of all tasks and copies flattened; the
+per-task parts are vmapped over the task axis.
+
+Prediction modes: 'deformed' (prototypes with the deformed supports, the
+method) and 'plain' (real supports only: the same embedding as a prototype
+baseline, the ablation), both from one pass on the same episodes.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fewshot_jax.errors import CheckpointError, ConfigError
+from fewshot_jax.data import augment
+from fewshot_jax.methods import common
+from fewshot_jax.models import backbones
+from fewshot_jax.models import deformation as deform_lib
+from fewshot_jax.models import layers
+from fewshot_jax.models.resnet import ResNet18
+
+EVAL_MODES = ("deformed", "plain")
+
+
+@dataclasses.dataclass(frozen=True)
+class IDeMeNetMethod(common.Method):
+  """common.Method plus predict_all_modes and `deform` (probe, gallery, weights, deformed) for figures."""
+
+  predict_all_modes: Callable[..., Any] | None = None
+  deform: Callable[..., Any] | None = None
+
+
+_KEYS = ("grid", "augnum", "choose_num", "gallery_per_class", "gallery_seed", "num_classes", "probe_flip",
+         "pretrained", "fix_embedding", "fix_deformation", "lr_deformation", "lr_scale", "lr_embedding",
+         "lr_fc", "cls_start_step", "decay_every", "decay_factor", "eval_mode", "scale_init")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  mc = config.method
+  missing = [k for k in _KEYS if k not in mc]
+  if missing:
+    raise ConfigError(f"method.name='idemenet' needs method.{', method.'.join(missing)}; "
+                      "start from configs/idemenet.py")
+  if mc.grid not in (3, 5, 7):
+    raise ConfigError(f"method.grid={mc.grid!r} is not supported; valid: [3, 5, 7]")
+  for key in ("augnum", "choose_num", "gallery_per_class", "num_classes", "decay_every"):
+    if not isinstance(mc[key], int) or mc[key] < 1:
+      raise ConfigError(f"method.{key}={mc[key]!r} must be a positive integer")
+  if mc.choose_num > mc.gallery_per_class * mc.num_classes:
+    raise ConfigError(f"method.choose_num={mc.choose_num} exceeds the gallery's "
+                      f"{mc.gallery_per_class * mc.num_classes} images")
+  if mc.eval_mode not in EVAL_MODES:
+    raise ConfigError(f"method.eval_mode={mc.eval_mode!r} is unknown; valid: {list(EVAL_MODES)}")
+  if not 0.0 <= mc.probe_flip <= 1.0:
+    raise ConfigError(f"method.probe_flip={mc.probe_flip} must lie in [0, 1]")
+  if mc.fix_embedding and mc.fix_deformation:
+    raise ConfigError("method.fix_embedding and method.fix_deformation are both True: nothing but "
+                      "the scale would train")
+  if config.data.name != "mini_imagenet" and config.data.name != "synthetic":
+    raise ConfigError(f"IDeMe-Net runs on mini_imagenet (RGB); data.name={config.data.name!r}")
+
+
+def embedding_model(config: ml_collections.ConfigDict) -> ResNet18:
+  """E: ResNet-18 in torchvision layout with the 64-way fc head."""
+  return ResNet18(num_classes=config.method.num_classes, dtype=backbones.dtype_from_config(config),
+                  conv_general_dilated=layers.conv_function(config.model.conv_impl),
+                  remat=config.model.get("remat", False))
+
+
+def input_size(config) -> int:
+  return config.data.get("input_size") or config.data.image_size
+
+
+def preprocess(config, images_u8):
+  """uint8 [..., h, w, C] -> normalised float [..., S, S, C] at the model's input size."""
+  return augment.resize(augment.normalise(images_u8, config.data.mean, config.data.std), input_size(config))
+
+
+def embed_batched(model, variables, images_u8, config, batch: int = 128):
+  """E's eval-mode features of many uint8 images, `batch` at a time (bounded memory)."""
+  apply = jax.jit(lambda x: model.apply(variables, preprocess(config, x), train=False)[0])
+  return jnp.concatenate([apply(images_u8[i:i + batch]) for i in range(0, len(images_u8), batch)])
+
+
+def choose_gallery(class_index: np.ndarray, class_counts: np.ndarray, per_class: int, seed: int):
+  """Image indices [num_classes * per_class] and base labels: `per_class` images per class, from `seed`."""
+  rng = np.random.default_rng(seed)
+  idx, labels = [], []
+  for c, (row, count) in enumerate(zip(class_index, class_counts)):
+    if count < per_class:
+      raise ConfigError(f"method.gallery_per_class={per_class} exceeds the {count} images of base class {c}")
+    idx.append(row[rng.choice(count, per_class, replace=False)])
+    labels.append(np.full(per_class, c, np.int32))
+  return np.concatenate(idx), np.concatenate(labels)
+
+
+def gallery_candidates(support_feats, support_labels, gallery_feats, ways: int, k: int):
+  """[N, k] indices of the k gallery images nearest (squared Euclidean) to each class prototype."""
+  protos = common.prototypes(support_feats, support_labels, ways)
+  return jax.lax.top_k(-common.squared_distances(protos, gallery_feats), k)[1]
+
+
+def load_pretrained(workdir: str, which: str = "best"):
+  """(params, batch_stats) of E from a stage-1 workdir (or one written by --mode=convert).
+
+  The workdir's own config.json rebuilds the stage-1 state it was saved with,
+  so stage 2's train.* settings do not have to match stage 1's.
+  """
+  from fewshot_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from fewshot_jax import sharding  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"method.pretrained={workdir!r} has no config.json; point it at the workdir of "
+                      "a configs/idemenet.py:pretrain run or of --mode=convert")
+  with open(path) as f:
+    pcfg = ml_collections.ConfigDict(json.load(f))
+  if pcfg.method.name != "idemenet_pretrain":
+    raise CheckpointError(f"method.pretrained={workdir!r} holds a {pcfg.method.name!r} run, not a "
+                          "stage-1 'idemenet_pretrain' one")
+  _, state = checkpoint.load_for_eval(pcfg, workdir, sharding.make_mesh(), which)
+  return state.params, state.model_state["batch_stats"]
+
+
+def _schedule(config, lr):
+  mc = config.method
+  return optax.exponential_decay(lr, mc.decay_every, mc.decay_factor, staircase=True)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam per parameter group with the reference rates; fixed groups get zero updates."""
+  mc = config.method
+  embedding = optax.adam(_schedule(config, mc.lr_embedding))
+  fc = optax.adam(_schedule(config, mc.lr_fc))
+  # The classification loss starts at cls_start_step: before it, E and fc get
+  # zero updates and their Adam moments are not fed (their schedules therefore
+  # count from cls_start_step).
+  start = lambda tx: optax.conditionally_mask(tx, lambda step: step >= mc.cls_start_step)
+  transforms = {
+      "deformation": optax.set_to_zero() if mc.fix_deformation else optax.adam(_schedule(config, mc.lr_deformation)),
+      "scale": optax.adam(_schedule(config, mc.lr_scale)),
+      "embedding": optax.set_to_zero() if mc.fix_embedding else start(embedding),
+      "fc": optax.set_to_zero() if mc.fix_embedding else start(fc),
+  }
+
+  def labels(params):
+    out = {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items() if k != "embedding"}
+    out["embedding"] = {name: jax.tree.map(lambda _, n=name: "fc" if n == "fc" else "embedding", sub)
+                        for name, sub in params["embedding"].items()}
+    return out
+
+  return optax.multi_transform(transforms, labels)
+
+
+def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
+  check_config(config)
+  mc = config.method
+  size = input_size(config)
+  grid, augnum, choose = mc.grid, mc.augnum, mc.choose_num
+  n_gallery = mc.gallery_per_class * mc.num_classes
+  raw_shape = (config.data.image_size, config.data.image_size, 3)
+  model_e = embedding_model(config)
+  model_d = deform_lib.DeformationNet(grid=grid, dtype=backbones.dtype_from_config(config),
+                                      conv_general_dilated=layers.conv_function(config.model.conv_impl))
+
+  def e_apply(params, state, images):
+    return model_e.apply({"params": params, "batch_stats": state["batch_stats"]["embedding"]}, images,
+                         train=False)
+
+  def d_apply(params, state, pairs):
+    return model_d.apply({"params": params["deformation"], "batch_stats": state["batch_stats"]["deformation"]},
+                         pairs, train=False)
+
+  def init(key, episode):
+    e_key, d_key = jax.random.split(key)
+    image = jnp.zeros((1, size, size, 3), jnp.float32)
+    e_vars = model_e.init(e_key, image, train=False)
+    d_vars = model_d.init(d_key, jnp.zeros((1, size, size, 6), jnp.float32), train=False)
+    gallery = {"images": jnp.zeros((n_gallery,) + raw_shape, jnp.uint8),
+               "labels": jnp.zeros((n_gallery,), jnp.int32),
+               "features": jnp.zeros((n_gallery, 512), jnp.float32)}
+    return {"params": {"embedding": e_vars["params"], "deformation": d_vars["params"],
+                       "scale": jnp.asarray(mc.scale_init, jnp.float32)},
+            "batch_stats": {"embedding": e_vars["batch_stats"], "deformation": d_vars["batch_stats"]},
+            "gallery": gallery}
+
+  def setup(variables, train_dataset):
+    if not mc.pretrained:
+      raise ConfigError("method.pretrained is empty; set it to the workdir of the stage-1 run "
+                        "(configs/idemenet.py:pretrain) or of --mode=convert")
+    e_params, e_stats = load_pretrained(mc.pretrained)
+    variables = flax.core.unfreeze(variables)
+    if jax.tree.structure(e_params) != jax.tree.structure(variables["params"]["embedding"]):
+      raise CheckpointError(f"method.pretrained={mc.pretrained!r}: its embedding does not match "
+                            f"ResNet-18 with a {mc.num_classes}-way fc")
+    variables["params"]["embedding"] = e_params
+    variables["batch_stats"]["embedding"] = e_stats
+    idx, labels = choose_gallery(np.asarray(train_dataset.class_index), np.asarray(train_dataset.class_counts),
+                                 mc.gallery_per_class, mc.gallery_seed)
+    images = jnp.asarray(train_dataset.images)[idx]
+    features = embed_batched(model_e, {"params": e_params, "batch_stats": e_stats}, images, config)
+    variables["gallery"] = {"images": images, "labels": jnp.asarray(labels), "features": features}
+    return variables
+
+  def task_deform_inputs(key, support, support_labels, support_feats, ways, gallery):
+    """One task: probes [S, A, ...] and the chosen gallery indices [S, A]."""
+    candidates = gallery_candidates(support_feats, support_labels, gallery["features"], ways, choose)
+    s = support.shape[0]
+    pick_key, flip_key = jax.random.split(key)
+    pick = jax.random.randint(pick_key, (s, augnum), 0, choose)
+    gallery_idx = candidates[support_labels[:, None], pick]  # [S, A]
+    flip = jax.random.bernoulli(flip_key, mc.probe_flip, (s, augnum, 1, 1, 1))
+    probe = jnp.where(flip, support[:, None, :, ::-1], support[:, None])  # [S, A, H, W, C]
+    return probe, gallery_idx
+
+  def deform(params, state, episode, key, real_support_feats=None):
+    """(probe, gallery, weights, deformed): [T, S, A, ...] each; weights [T, S, A, G*G]."""
+    t, s = episode.support.shape[:2]
+    ways = episode.classes.shape[1]
+    gallery = state["gallery"]
+    if real_support_feats is None:
+      flat = episode.support.reshape((t * s,) + episode.support.shape[2:])
+      real_support_feats = e_apply(params["embedding"], state, flat)[0].reshape(t, s, -1)
+    keys = jax.random.split(key, t)
+    probe, gallery_idx = jax.vmap(
+        lambda k, x, y, f: task_deform_inputs(k, x, y, f, ways, gallery))(
+            keys, episode.support, episode.support_labels, real_support_feats)
+    gallery_images = preprocess(config, gallery["images"][gallery_idx])  # [T, S, A, H, W, C]
+    pairs = jnp.concatenate([probe, gallery_images], axis=-1).reshape((t * s * augnum, size, size, 6))
+    weights = d_apply(params, state, pairs).reshape(t, s, augnum, grid * grid)
+    wmap = deform_lib.weight_map(weights, size, grid)  # [T, S, A, H, W, 1]
+    return probe, gallery_images, weights, deform_lib.fuse(probe, gallery_images, wmap)
+
+  def forward(params, state, episode, key, with_cls: bool):
+    """Per-mode logits [T, Q, N] and, when with_cls, the classification loss."""
+    t, s = episode.support.shape[:2]
+    ways = episode.classes.shape[1]
+    frozen_e = jax.lax.stop_gradient(params["embedding"])
+    images, split = common.flatten_images(episode)
+    support_feats, query_feats = split(e_apply(frozen_e, state, images)[0])
+    _, _, _, deformed = deform(params, state, episode, key, support_feats)
+    if mc.fix_deformation:
+      deformed = jax.lax.stop_gradient(deformed)
+    flat_deformed = deformed.reshape((t * s * augnum, size, size, 3))
+    deformed_feats = e_apply(frozen_e, state, flat_deformed)[0].reshape(t, s * augnum, -1)
+    deformed_labels = jnp.repeat(episode.support_labels, augnum, axis=1)  # support-major, as the reshape
+
+    def logits(sf, sl, qf):
+      return -params["scale"] * common.squared_distances(qf, common.prototypes(sf, sl, ways))
+
+    all_feats = jnp.concatenate([support_feats, deformed_feats], axis=1)
+    all_labels = jnp.concatenate([episode.support_labels, deformed_labels], axis=1)
+    out = {"deformed": jax.vmap(logits)(all_feats, all_labels, query_feats),
+           "plain": jax.vmap(logits)(support_feats, episode.support_labels, query_feats)}
+    cls = None
+    if with_cls:
+      _, fc_logits = e_apply(params["embedding"], state, jax.lax.stop_gradient(flat_deformed))
+      base = jnp.take_along_axis(episode.classes, deformed_labels, axis=1).reshape(-1)
+      cls = optax.softmax_cross_entropy_with_integer_labels(fc_logits, base).mean()
+    return out, cls
+
+  def loss(params, state, episode, key):
+    out, cls = forward(params, state, episode, key, with_cls=not mc.fix_embedding)
+    proto, metrics = common.classification_metrics(out["deformed"], episode.query_labels)
+    metrics["plain_accuracy"] = jnp.mean(jnp.argmax(out["plain"], -1) == episode.query_labels)
+    total = proto
+    if cls is not None:
+      metrics["cls_loss"] = cls
+      total = proto + cls
+    metrics["scale"] = params["scale"]
+    return total, (metrics, state)  # BatchNorm frozen: the state is returned unchanged
+
+  def predict_all_modes(params, state, episode, key):
+    return forward(params, state, episode, key, with_cls=False)[0]
+
+  def predict(params, state, episode, key):
+    return predict_all_modes(params, state, episode, key)[mc.eval_mode]
+
+  return IDeMeNetMethod("idemenet", init, loss, predict, optimizer=make_optimizer, setup=setup,
+                        predict_all_modes=predict_all_modes, deform=deform)
