@@ -52,7 +52,11 @@ try:  # overrides (--config.a.b=v) are applied while the flag is defined
 except (AttributeError, KeyError, TypeError, ValueError) as err:
   _fail(f"bad --config override: {_one_line(err)}")
 flags.DEFINE_string("workdir", os.path.join("workdirs", "default"), "Checkpoints, logs and results.")
-flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval"], "What to run.")
+flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval", "convert", "compare"],
+                  "What to run. convert: --torch_checkpoint -> an orbax checkpoint in --workdir "
+                  "(IDeMe-Net presets); compare: evaluate the workdir's model in JAX and PyTorch on "
+                  "the same episodes.")
+flags.DEFINE_string("torch_checkpoint", None, "PyTorch file for --mode=convert (softRandom.t7, metaNet_*.t7).")
 flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
                   "(coordinator and process ids from the cluster environment).")
 FLAGS = flags.FLAGS
@@ -92,6 +96,15 @@ def main(argv):
   except OSError as e:
     _fail(f"cannot load --config: {_one_line(e)}; methods: {sorted(os.listdir(os.path.join(_HERE, 'configs')))}")
   try:
+    if FLAGS.mode == "convert":
+      if not FLAGS.torch_checkpoint:
+        _fail("--mode=convert needs --torch_checkpoint=PATH")
+      from fewshot_jax import convert  # pylint: disable=g-import-not-at-top
+      print(json.dumps(convert.convert_to_workdir(config, FLAGS.torch_checkpoint, FLAGS.workdir)))
+    if FLAGS.mode == "compare":
+      from fewshot_jax import compare  # pylint: disable=g-import-not-at-top
+      result = compare.compare_checkpoint(config, FLAGS.workdir)
+      print(compare.format_table(result))
     if FLAGS.mode in ("train", "train_eval"):
       train.train_and_evaluate(config, FLAGS.workdir)
     if FLAGS.mode in ("eval", "train_eval"):

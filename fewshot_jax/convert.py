@@ -229,3 +229,67 @@ def _hint(state_dict, what) -> str:
   if what.startswith("GNet") and keys and all(k.startswith("convnet.") for k in keys):
     return " (its keys look like a ClassificationNetwork checkpoint: use embedding_from_torch)"
   return ""
+
+
+def convert_to_workdir(config, torch_checkpoint: str, workdir: str) -> dict:
+  """Converts a PyTorch checkpoint once into an orbax checkpoint in `workdir` (step 0).
+
+  configs/idemenet.py:pretrain takes an embedding file like softRandom.t7;
+  configs/idemenet.py:mini-5w1s / mini-5w5s take a GNet file like
+  metaNet_1shot.t7, and get their gallery built from the config's train split
+  with the converted embedding (as stage 2 builds it from a stage-1 run). The
+  workdir then holds config.json and the latest/best checkpoints, so
+  --mode=eval, --mode=train (resumes from step 0) and stage 2's
+  method.pretrained read it like any other. 'best' carries val_accuracy 0:
+  the converted model has not been validated here.
+  """
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from fewshot_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fewshot_jax import methods  # pylint: disable=g-import-not-at-top
+  from fewshot_jax import sharding  # pylint: disable=g-import-not-at-top
+  from fewshot_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from fewshot_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from fewshot_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from fewshot_jax.methods import idemenet  # pylint: disable=g-import-not-at-top
+  config_lib.validate(config)
+  name = config.method.name
+  if name not in ("idemenet_pretrain", "idemenet"):
+    raise ConfigError(f"--mode=convert handles IDeMe-Net checkpoints; method.name={name!r} "
+                      "(use configs/idemenet.py:pretrain or :mini-5w1s / :mini-5w5s)")
+  mesh = sharding.make_mesh()
+  method = methods.build(config)
+  tx = state_lib.optimizer_for(method, config)
+  example = state_lib.train_example(method, config)
+  fresh = jax.jit(functools.partial(state_lib.init_state, method, tx))(jax.random.key(0), example)
+  state_dict = load_state_dict(torch_checkpoint)
+  mc = config.method
+  if name == "idemenet_pretrain":
+    variables = embedding_from_torch(state_dict, mc.num_classes, source=torch_checkpoint)
+    model_state = {"batch_stats": variables["batch_stats"]}
+  else:
+    variables = idemenet_from_torch(state_dict, mc.grid, mc.num_classes, idemenet.input_size(config),
+                                    source=torch_checkpoint)
+    train_data = input_pipeline.load(config, config.data.train_split, sharding.replicated(mesh))
+    model_state = idemenet.attach_gallery(config, variables, train_data)
+    model_state.pop("params")
+  params = jax.tree.map(jax.numpy.asarray, variables["params"])
+  wanted = jax.tree.map(lambda x: x.shape, fresh.params)
+  if jax.tree.map(lambda x: x.shape, params) != wanted:
+    raise CheckpointError(f"{torch_checkpoint} converts to parameters that do not fit "
+                          f"configs/idemenet.py ({name}); check method.grid / data.input_size")
+  state = state_lib.TrainState(step=fresh.step, params=params, model_state=model_state,
+                               opt_state=tx.init(params))
+  state = jax.device_put(state, sharding.replicated(mesh))
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
+  meta = checkpoint.checkpoint_meta(config)
+  ckpt.save(ckpt.latest, state, meta)
+  ckpt.save(ckpt.best, state, meta, metrics={"val_accuracy": 0.0})
+  ckpt.wait()
+  ckpt.close()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  return {"converted": torch_checkpoint, "workdir": workdir, "method": name,
+          "parameters": int(sum(x.size for x in jax.tree.leaves(params)))}

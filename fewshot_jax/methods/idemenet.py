@@ -125,6 +125,24 @@ def choose_gallery(class_index: np.ndarray, class_counts: np.ndarray, per_class:
   return np.concatenate(idx), np.concatenate(labels)
 
 
+def attach_gallery(config, variables, train_dataset):
+  """variables + model-state 'gallery': the chosen base-class images and their features under E.
+
+  Features are computed once, in inference mode, and never refreshed (as the
+  reference); `variables` needs E's params and batch_stats under 'embedding'.
+  """
+  mc = config.method
+  if train_dataset.num_classes != mc.num_classes:
+    raise ConfigError(f"method.num_classes={mc.num_classes} but split {config.data.train_split!r} has "
+                      f"{train_dataset.num_classes} base classes")
+  idx, labels = choose_gallery(np.asarray(train_dataset.class_index), np.asarray(train_dataset.class_counts),
+                               mc.gallery_per_class, mc.gallery_seed)
+  images = jnp.asarray(train_dataset.images)[idx]
+  e_vars = {"params": variables["params"]["embedding"], "batch_stats": variables["batch_stats"]["embedding"]}
+  features = embed_batched(embedding_model(config), e_vars, images, config)
+  return {**variables, "gallery": {"images": images, "labels": jnp.asarray(labels), "features": features}}
+
+
 def gallery_candidates(support_feats, support_labels, gallery_feats, ways: int, k: int):
   """[N, k] indices of the k gallery images nearest (squared Euclidean) to each class prototype."""
   protos = common.prototypes(support_feats, support_labels, ways)
@@ -225,12 +243,7 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
                             f"ResNet-18 with a {mc.num_classes}-way fc")
     variables["params"]["embedding"] = e_params
     variables["batch_stats"]["embedding"] = e_stats
-    idx, labels = choose_gallery(np.asarray(train_dataset.class_index), np.asarray(train_dataset.class_counts),
-                                 mc.gallery_per_class, mc.gallery_seed)
-    images = jnp.asarray(train_dataset.images)[idx]
-    features = embed_batched(model_e, {"params": e_params, "batch_stats": e_stats}, images, config)
-    variables["gallery"] = {"images": images, "labels": jnp.asarray(labels), "features": features}
-    return variables
+    return attach_gallery(config, variables, train_dataset)
 
   def task_deform_inputs(key, support, support_labels, support_feats, ways, gallery):
     """One task: probes [S, A, ...] and the chosen gallery indices [S, A]."""

@@ -1,0 +1,317 @@
+"""The same training step in JAX (this library) and in idiomatic PyTorch, on one machine.
+
+Each case times one training step -- forward, backward, Adam update -- on
+random inputs of the case's shapes, already in memory and identical for both
+sides (NHWC for JAX, the same numbers NCHW for PyTorch). The JAX step is a
+jitted `method.loss -> grad -> optax update` that takes the episode as an
+argument, so it measures model compute only, not the trainer's on-device
+sampling and augmentation (benchmarks/throughput.py times that). PyTorch runs
+eager, with the steps of fewshot_jax/torch_reference/steps.py. Float32 both
+sides; warm-up steps excluded; JAX timed with block_until_ready, PyTorch with
+torch.cuda.synchronize on a GPU. Repeats alternate between the two sides and
+the table reports the median over repeats of the mean ms/step.
+
+Both run on the GPU when torch.cuda.is_available() and JAX has a GPU, on the
+CPU otherwise (PyTorch with torch.set_num_threads(os.cpu_count())).
+
+  python benchmarks/torch_vs_jax.py
+  python benchmarks/torch_vs_jax.py --cases=protonet-omniglot-5w1s --steps=5 --repeats=3
+  python benchmarks/torch_vs_jax.py --cases=idemenet-5w1s,idemenet-5w1s-train-e --input_size=224
+"""
+
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+import optax
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from fewshot_jax import methods  # pylint: disable=g-import-not-at-top
+from fewshot_jax.data import episodes
+from fewshot_jax.torch_reference import conv4 as torch_conv4
+from fewshot_jax.torch_reference import idemenet as torch_idemenet
+from fewshot_jax.torch_reference import lgmnet as torch_lgmnet
+from fewshot_jax.torch_reference import steps as torch_steps
+
+# name -> (config file, preset, ways, shots, queries per class, tasks, what the row says)
+CASES = {
+    "protonet-omniglot-5w1s": ("protonet", "omniglot-5w1s", 5, 1, 15, 1,
+                               "ProtoNet Conv-4, Omniglot 5-way 1-shot, 15 queries, 28x28x1"),
+    "protonet-mini-5w5s": ("protonet", "mini-5w5s", 5, 5, 15, 1,
+                           "ProtoNet Conv-4, miniImageNet 5-way 5-shot, 15 queries, 84x84x3"),
+    "lgmnet-mini-5w1s": ("lgmnet", "mini-5w1s", 5, 1, 1, 32,
+                         "LGM-Net, miniImageNet 5-way 1-shot, 1 query per class (5 per task), meta-batch 32"),
+    "idemenet-5w1s": ("idemenet", "mini-5w1s", 5, 1, 15, 1,
+                      "IDeMe-Net stage 2 (E fixed), 5-way 1-shot, 15 queries"),
+    "idemenet-5w1s-train-e": ("idemenet", "mini-5w1s", 5, 1, 15, 1,
+                              "IDeMe-Net stage 2 (E trained too), 5-way 1-shot, 15 queries"),
+}
+_DEFAULT = ["protonet-omniglot-5w1s", "protonet-mini-5w5s", "lgmnet-mini-5w1s", "idemenet-5w1s"]
+
+flags.DEFINE_list("cases", _DEFAULT, f"Comma-separated case names; valid: {', '.join(CASES)}.")
+flags.DEFINE_bool("idemenet_train_e", False, "Also time IDeMe-Net stage 2 with E trained by the "
+                  "classification loss (adds idemenet-5w1s-train-e to --cases).")
+flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
+flags.DEFINE_integer("repeats", 5, "Timed repeats per side (alternating JAX / PyTorch); the median is reported.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps per side before timing (compilation, autotuning).")
+flags.DEFINE_integer("input_size", 0, "IDeMe-Net input size; 0 = 84 on the CPU (the fast setting), 224 "
+                     "(the paper's) on a GPU.")
+flags.DEFINE_bool("tf32", False, "On a GPU, let both sides use TF32 for float32 matmuls / convolutions "
+                  "(default: full float32 on both).")
+flags.DEFINE_integer("seed", 0, "Seed of the random inputs and parameters.")
+FLAGS = flags.FLAGS
+
+
+def load_config(method, preset):
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", f"{method}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def machine_line(jax_device, torch_device) -> str:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
+  tdev = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu"
+  return (f"CPU: {cpu}, {os.cpu_count()} cores | jax {jax.__version__} on {jax_device.platform} "
+          f"({jax_device.device_kind}) | torch {torch.__version__} on {tdev} "
+          f"({torch.get_num_threads()} threads) | {platform.system()} {platform.machine()}")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def random_episode(rng, ways, shots, queries, tasks, shape, num_classes=64):
+  """Host arrays of one meta-batch (NHWC floats, labels in class order, distinct base classes)."""
+  return dict(
+      support=rng.standard_normal((tasks, ways * shots) + shape, dtype=np.float32),
+      support_labels=np.tile(np.repeat(np.arange(ways, dtype=np.int32), shots), (tasks, 1)),
+      query=rng.standard_normal((tasks, ways * queries) + shape, dtype=np.float32),
+      query_labels=np.tile(np.repeat(np.arange(ways, dtype=np.int32), queries), (tasks, 1)),
+      classes=np.stack([rng.choice(num_classes, ways, replace=False) for _ in range(tasks)]).astype(np.int32))
+
+
+def jax_episode(host, device):
+  return jax.device_put(episodes.Episode(**host), device)
+
+
+def torch_episode(host, device):
+  """Same numbers, images NCHW, labels int64."""
+  out = {}
+  for k, v in host.items():
+    t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(v, -1, -3) if v.ndim == 5 else v))
+    out[k] = t.to(device=device, dtype=torch.int64 if v.dtype == np.int32 else torch.float32)
+  return out
+
+
+# ----------------------------------------------------------------------------- JAX side
+
+
+def make_jax_step(method, tx, stateful: bool):
+  """jit(carry, fixed_state, episode) -> (carry, loss); carry = (params, bn_state, opt_state, key).
+
+  stateful: the loss updates the model state (train-mode BatchNorm), which is
+  then carried; otherwise the state is a constant argument (not copied per step).
+  """
+
+  def step(carry, fixed_state, episode):
+    params, state, opt_state, key = carry
+    key, sub = jax.random.split(key)
+    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+    (loss, (_, new_state)), grads = grad_fn(params, state if stateful else fixed_state, episode, sub)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, new_state if stateful else None, opt_state, key), loss
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def jax_case(name, host, device, conv_impl):
+  """-> (step, carry, fixed_state, episode) ready to call."""
+  method_name, preset, ways, shots, queries, tasks, _ = CASES[name]
+  c = load_config(method_name, preset)
+  c.model.conv_impl = conv_impl
+  c.episode.update(ways=ways, shots=shots, queries=queries, tasks=tasks, train_ways=0)
+  if method_name == "idemenet":
+    c.data.input_size = FLAGS.input_size
+    c.method.update(fix_embedding=not name.endswith("train-e"), cls_start_step=0)
+  method = methods.build(c)
+  if method_name == "idemenet":
+    tx = method.optimizer(c)  # per-group Adam (D, scale; E and fc when trained), as the trainer
+  else:
+    tx = optax.adam(c.train.lr)
+  episode = jax_episode(host, device)
+  key = jax.random.key(FLAGS.seed)
+  variables = jax.jit(method.init)(key, episode)
+  params = variables.pop("params")
+  state = dict(variables)
+  if method_name == "idemenet":
+    mc = c.method
+    rng = np.random.default_rng(FLAGS.seed + 1)
+    n = mc.gallery_per_class * mc.num_classes
+    state["gallery"] = {
+        "images": rng.integers(0, 256, (n, c.data.image_size, c.data.image_size, 3), dtype=np.uint8),
+        "labels": np.repeat(np.arange(mc.num_classes, dtype=np.int32), mc.gallery_per_class),
+        "features": np.abs(rng.standard_normal((n, 512), dtype=np.float32))}
+  params, state = jax.device_put((params, state), device)
+  stateful = method_name != "idemenet"  # IDeMe-Net stage 2: BatchNorm frozen, state constant
+  # Everything committed to `device`, as the step's outputs are: an uncommitted leaf would make
+  # the second call (on the first call's outputs) compile again.
+  carry = jax.device_put((params, state if stateful else None, tx.init(params), jax.random.fold_in(key, 1)),
+                         device)
+  return make_jax_step(method, tx, stateful), carry, (None if stateful else state), episode, c
+
+
+# ----------------------------------------------------------------------------- PyTorch side
+
+
+def torch_case(name, host, device, c, jax_state):
+  """-> a zero-argument callable running one PyTorch training step."""
+  method_name, _, ways, _, _, _, _ = CASES[name]
+  ep = torch_episode(host, device)
+  if method_name == "protonet":
+    model = torch_conv4.Conv4(in_channels=host["support"].shape[-1], features=c.model.features).to(device)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=c.train.lr)
+    return lambda: torch_steps.protonet_step(model, opt, ep["support"], ep["support_labels"], ep["query"],
+                                             ep["query_labels"], ways)
+  if method_name == "lgmnet":
+    model = torch_lgmnet.LGMNet.from_config(c, in_channels=host["support"].shape[-1]).to(device)
+    model.train()  # train-mode (intertask) BatchNorm, as the JAX loss
+    opt = torch.optim.Adam(model.parameters(), lr=c.train.lr)
+    return lambda: torch_steps.lgmnet_step(model, opt, ep["support"], ep["support_labels"], ep["query"],
+                                           ep["query_labels"], ways)
+  if method_name == "idemenet":
+    mc = c.method
+    net = torch_idemenet.GNet(mc.grid, mc.num_classes,
+                              torch_idemenet.weight_features(FLAGS.input_size)).to(device)
+    gallery = jax_state["gallery"]
+    images = torch.from_numpy(np.array(gallery["images"]).transpose(0, 3, 1, 2).copy()).to(device)
+    features = torch.from_numpy(np.array(gallery["features"])).to(device)
+    trainer = torch_steps.IDeMeNetStage2(
+        net, images, features, mean=tuple(c.data.mean), std=tuple(c.data.std), input_size=FLAGS.input_size,
+        augnum=mc.augnum, choose_num=mc.choose_num, probe_flip=mc.probe_flip,
+        train_embedding=not mc.fix_embedding, lr_deformation=mc.lr_deformation, lr_scale=mc.lr_scale,
+        lr_embedding=mc.lr_embedding, lr_fc=mc.lr_fc)
+    # One task per step (tasks=1), as the reference trains.
+    return lambda: trainer.step(ep["support"][0], ep["support_labels"][0], ep["query"][0],
+                                ep["query_labels"][0], ep["classes"][0])
+  raise ValueError(name)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_case(name, jax_device, torch_device, conv_impl):
+  _, _, ways, shots, queries, tasks, _ = CASES[name]
+  method_name = CASES[name][0]
+  c0 = load_config(method_name, CASES[name][1])
+  if method_name == "idemenet":
+    shape = (FLAGS.input_size, FLAGS.input_size, 3)
+  else:
+    shape = (c0.data.image_size, c0.data.image_size, 1 if c0.data.name == "omniglot" else 3)
+  host = random_episode(np.random.default_rng(FLAGS.seed), ways, shots, queries, tasks, shape)
+
+  step, carry, fixed, episode, c = jax_case(name, host, jax_device, conv_impl)
+  torch.manual_seed(FLAGS.seed)
+  torch_step = torch_case(name, host, torch_device, c, fixed)
+  sync = torch.cuda.synchronize if torch_device.type == "cuda" else (lambda: None)
+
+  holder = {"carry": carry}
+
+  def run_jax(n):
+    carry, loss = holder["carry"], None
+    for _ in range(n):
+      carry, loss = step(carry, fixed, episode)
+    jax.block_until_ready((carry, loss))
+    holder["carry"] = carry
+    return float(loss)
+
+  def run_torch(n):
+    loss = None
+    for _ in range(n):
+      loss = torch_step()
+    sync()
+    return float(loss)
+
+  t0 = time.perf_counter()
+  jax_loss = run_jax(max(1, FLAGS.warmup))
+  jax_warm = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  torch_loss = run_torch(max(1, FLAGS.warmup))
+  torch_warm = time.perf_counter() - t0
+  if not (np.isfinite(jax_loss) and np.isfinite(torch_loss)):
+    raise FloatingPointError(f"{name}: non-finite warm-up loss (jax {jax_loss}, torch {torch_loss})")
+  jax_ms, torch_ms = [], []
+  for _ in range(FLAGS.repeats):
+    for run, out in ((run_jax, jax_ms), (run_torch, torch_ms)):
+      t0 = time.perf_counter()
+      run(FLAGS.steps)
+      out.append(1000 * (time.perf_counter() - t0) / FLAGS.steps)
+  return dict(name=name, what=CASES[name][6] + (f", {FLAGS.input_size}x{FLAGS.input_size}x3, augnum "
+                                                f"{c.method.augnum}, chooseNum {c.method.choose_num}, "
+                                                f"gallery {c.method.num_classes}x{c.method.gallery_per_class}"
+                                                if method_name == "idemenet" else ""),
+              jax=statistics.median(jax_ms), torch=statistics.median(torch_ms), jax_all=jax_ms,
+              torch_all=torch_ms, jax_warm=jax_warm, torch_warm=torch_warm)
+
+
+def main(argv):
+  del argv
+  cases = list(FLAGS.cases) + (["idemenet-5w1s-train-e"] if FLAGS.idemenet_train_e else [])
+  cases = list(dict.fromkeys(cases))
+  unknown = [n for n in cases if n not in CASES]
+  if unknown:
+    raise app.UsageError(f"unknown --cases {unknown}; valid: {list(CASES)}")
+  on_gpu = torch.cuda.is_available() and any(d.platform == "gpu" for d in jax.devices())
+  jax_device = jax.devices("gpu")[0] if on_gpu else jax.devices("cpu")[0]
+  torch_device = torch.device("cuda") if on_gpu else torch.device("cpu")
+  torch.set_num_threads(os.cpu_count())
+  if on_gpu:
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its kernels (warm-up)
+    torch.backends.cuda.matmul.allow_tf32 = FLAGS.tf32
+    torch.backends.cudnn.allow_tf32 = FLAGS.tf32
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if FLAGS.tf32 else "highest")
+  conv_impl = "xla" if on_gpu else "matmul_wgrad"  # what model.conv_impl='auto' picks on that backend
+  if not FLAGS.input_size:
+    FLAGS.input_size = 224 if on_gpu else 84
+  print(machine_line(jax_device, torch_device), flush=True)
+  rows = []
+  with jax.default_device(jax_device):
+    for name in cases:
+      r = time_case(name, jax_device, torch_device, conv_impl)
+      rows.append(r)
+      print(f"  {name}: JAX {r['jax']:.1f} ms/step {[round(x, 1) for x in r['jax_all']]} (warm-up "
+            f"{r['jax_warm']:.1f} s) | PyTorch {r['torch']:.1f} ms/step {[round(x, 1) for x in r['torch_all']]} "
+            f"(warm-up {r['torch_warm']:.1f} s)", flush=True)
+  precision = "TF32 allowed" if FLAGS.tf32 else "full float32"
+  print(f"\nTraining step (forward + backward + Adam update), ms/step, median of {FLAGS.repeats} repeats x "
+        f"{FLAGS.steps} steps after {FLAGS.warmup} warm-up steps; both sides on "
+        f"{'the GPU (' + precision + ')' if on_gpu else 'the CPU'}, float32, the same random inputs "
+        "already in memory. JAX: a jitted method.loss -> grad -> optax Adam update taking the episode as "
+        "an argument (model compute only; not the trainer's on-device sampling + augmentation scan). "
+        "PyTorch: eager, fewshot_jax/torch_reference/steps.py.\n")
+  print("| case | JAX ms/step | PyTorch ms/step | PyTorch/JAX |")
+  print("|---|---:|---:|---:|")
+  for r in rows:
+    print(f"| {r['what']} | {r['jax']:.1f} | {r['torch']:.1f} | {r['torch'] / r['jax']:.2f} |")
+  print(f"\n{machine_line(jax_device, torch_device)}")
+
+
+if __name__ == "__main__":
+  app.run(main)
