@@ -8,7 +8,6 @@ and prints a markdown table: ms/step, episodes/s, images/s.
   python benchmarks/throughput.py --cases=protonet:omniglot-5w1s:5:1:5:1
 """
 
-import importlib.util
 import os
 import platform
 import sys
@@ -21,7 +20,8 @@ import jax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from fewshot_jax import methods  # pylint: disable=g-import-not-at-top
+from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+from fewshot_jax import methods
 from fewshot_jax import sharding
 from fewshot_jax import state as state_lib
 from fewshot_jax import train
@@ -40,10 +40,7 @@ FLAGS = flags.FLAGS
 
 
 def load_config(method, preset):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", f"{method}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return config_lib.load_file(os.path.join(REPO, "configs", f"{method}.py"), preset)
 
 
 def time_case(case: str, datasets: dict) -> dict:

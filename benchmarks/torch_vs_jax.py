@@ -19,7 +19,6 @@ CPU otherwise (PyTorch with torch.set_num_threads(os.cpu_count())).
   python benchmarks/torch_vs_jax.py --cases=idemenet-5w1s,idemenet-5w1s-train-e --input_size=224
 """
 
-import importlib.util
 import os
 import platform
 import statistics
@@ -36,7 +35,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from fewshot_jax import methods  # pylint: disable=g-import-not-at-top
+from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+from fewshot_jax import methods
 from fewshot_jax.data import episodes
 from fewshot_jax.torch_reference import conv4 as torch_conv4
 from fewshot_jax.torch_reference import idemenet as torch_idemenet
@@ -73,10 +73,7 @@ FLAGS = flags.FLAGS
 
 
 def load_config(method, preset):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", f"{method}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return config_lib.load_file(os.path.join(REPO, "configs", f"{method}.py"), preset)
 
 
 def machine_line(jax_device, torch_device) -> str:

@@ -8,6 +8,7 @@ episode.tasks, train.steps, train.seed, train.eval_every, eval.episodes,
 eval.split.
 """
 
+import importlib.util
 import os
 
 import ml_collections
@@ -111,3 +112,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def train_ways(c) -> int:
   return c.episode.train_ways or c.episode.ways
+
+
+def load_file(path: str, preset: str) -> ml_collections.ConfigDict:
+  """get_config(preset) of a config file (what launch.py's --config=PATH:PRESET loads)."""
+  name = "_fewshot_cfg_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)

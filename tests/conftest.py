@@ -1,6 +1,5 @@
 """Shared fixtures: real data location and a session-wide prepared TFDS data_dir."""
 
-import importlib.util
 import os
 import pathlib
 
@@ -12,10 +11,8 @@ DATA = pathlib.Path(os.environ.get("FEWSHOT_DATA_DIR", REPO.parent / "shared" / 
 
 def load_config(method: str, preset: str):
   """configs/<method>.py:<preset>, as launch.py would load it."""
-  spec = importlib.util.spec_from_file_location(f"_cfg_{method}", REPO / "configs" / f"{method}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load_file(str(REPO / "configs" / f"{method}.py"), preset)
 
 
 @pytest.fixture(scope="session")
