@@ -258,12 +258,12 @@ def convert_to_workdir(config, torch_checkpoint: str, workdir: str) -> dict:
   if name not in ("idemenet_pretrain", "idemenet"):
     raise ConfigError(f"--mode=convert handles IDeMe-Net checkpoints; method.name={name!r} "
                       "(use configs/idemenet.py:pretrain or :mini-5w1s / :mini-5w5s)")
+  state_dict = load_state_dict(torch_checkpoint)  # first: a bad file fails before any model work
   mesh = sharding.make_mesh()
   method = methods.build(config)
   tx = state_lib.optimizer_for(method, config)
   example = state_lib.train_example(method, config)
   fresh = jax.jit(functools.partial(state_lib.init_state, method, tx))(jax.random.key(0), example)
-  state_dict = load_state_dict(torch_checkpoint)
   mc = config.method
   if name == "idemenet_pretrain":
     variables = embedding_from_torch(state_dict, mc.num_classes, source=torch_checkpoint)

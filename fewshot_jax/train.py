@@ -151,8 +151,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       elapsed = time.time() - t0
       eps = done_since_t0 * config.episode.tasks / elapsed
       eta = (tc.steps - step) * config.episode.tasks / eps
-      logging.info("step %d/%d loss %.4f accuracy %.4f lr %.2e | %.1f episodes/s %.0f images/s | ETA %s",
-                   step, tc.steps, metrics["loss"], metrics["accuracy"], schedule(step), eps,
+      extra = "".join(f" {k} {float(v):.4f}" for k, v in metrics.items() if k not in ("loss", "accuracy"))
+      logging.info("step %d/%d loss %.4f accuracy %.4f%s lr %.2e | %.1f episodes/s %.0f images/s | ETA %s",
+                   step, tc.steps, metrics["loss"], metrics["accuracy"], extra, schedule(step), eps,
                    eps * images_per_episode, _hms(eta))
       writer.scalars(step, {f"train/{k}": v for k, v in metrics.items()} |
                      {"train/lr": schedule(step), "train/episodes_per_s": eps})

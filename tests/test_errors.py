@@ -186,3 +186,22 @@ def test_eval_checkpoint_of_another_model_size(trained, tfds_dir):
                            f"--workdir={trained}", tfds_dir=tfds_dir),
                     "does not fit the model", str(trained / "best" / "2"))
   assert "(64,)" in line and "(32,)" in line
+
+
+def test_convert_errors_name_the_problem(tmp_path, tfds_dir):
+  """--mode=convert: a missing flag, a missing file and a pickle carrying code, each one line."""
+  base = ("--config=configs/idemenet.py:pretrain", "--mode=convert", f"--workdir={tmp_path / 'w'}")
+  user_error(launch(*base, tfds_dir=tfds_dir), "--torch_checkpoint")
+  user_error(launch(*base, f"--torch_checkpoint={tmp_path / 'none.t7'}", tfds_dir=tfds_dir), "none.t7")
+  import pickle  # pylint: disable=g-import-not-at-top
+
+  class Payload:
+    def __reduce__(self):
+      return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+  with open(tmp_path / "evil.t7", "wb") as f:
+    pickle.dump(Payload(), f)
+  user_error(launch(*base, f"--torch_checkpoint={tmp_path / 'evil.t7'}", tfds_dir=tfds_dir), "evil.t7")
+  assert not (tmp_path / "ran").exists()
+  user_error(launch("--config=configs/protonet.py:synthetic", "--mode=convert", "--torch_checkpoint=x.t7",
+                    f"--workdir={tmp_path / 'w'}", tfds_dir=tfds_dir), "method.name='protonet'")
