@@ -395,7 +395,7 @@ def test_convert_mode_round_trip(make_config, tmp_path):
   from fewshot_jax import checkpoint
   from fewshot_jax import sharding
   from fewshot_jax.methods import idemenet as idemenet_method
-  size = 32
+  size = 64  # as the other parity tests: at 32 px the 1x1 layer4 maps amplify float32 noise
   small = {"data.input_size": size}
   torch.manual_seed(0)
   net = _calibrate(torch_resnet.ClassificationNetwork(64), _images(4, size))
