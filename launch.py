@@ -52,11 +52,13 @@ try:  # overrides (--config.a.b=v) are applied while the flag is defined
 except (AttributeError, KeyError, TypeError, ValueError) as err:
   _fail(f"bad --config override: {_one_line(err)}")
 flags.DEFINE_string("workdir", os.path.join("workdirs", "default"), "Checkpoints, logs and results.")
-flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval", "convert", "compare"],
+flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval", "convert", "compare", "export"],
                   "What to run. convert: --torch_checkpoint -> an orbax checkpoint in --workdir "
                   "(IDeMe-Net presets); compare: evaluate the workdir's model in JAX and PyTorch on "
-                  "the same episodes.")
-flags.DEFINE_string("torch_checkpoint", None, "PyTorch file for --mode=convert (softRandom.t7, metaNet_*.t7).")
+                  "the same episodes; export: the workdir's model -> --torch_checkpoint, a PyTorch "
+                  "state_dict in the authors' format.")
+flags.DEFINE_string("torch_checkpoint", None, "PyTorch file read by --mode=convert (softRandom.t7, "
+                    "metaNet_*.t7) or written by --mode=export.")
 flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
                   "(coordinator and process ids from the cluster environment).")
 FLAGS = flags.FLAGS
@@ -101,6 +103,11 @@ def main(argv):
         _fail("--mode=convert needs --torch_checkpoint=PATH")
       from fewshot_jax import convert  # pylint: disable=g-import-not-at-top
       print(json.dumps(convert.convert_to_workdir(config, FLAGS.torch_checkpoint, FLAGS.workdir)))
+    if FLAGS.mode == "export":
+      if not FLAGS.torch_checkpoint:
+        _fail("--mode=export needs --torch_checkpoint=PATH (the file to write)")
+      from fewshot_jax import compare  # pylint: disable=g-import-not-at-top
+      print(json.dumps(compare.export_checkpoint(config, FLAGS.workdir, FLAGS.torch_checkpoint)))
     if FLAGS.mode == "compare":
       from fewshot_jax import compare  # pylint: disable=g-import-not-at-top
       result = compare.compare_checkpoint(config, FLAGS.workdir)

@@ -68,6 +68,8 @@ flags.DEFINE_integer("input_size", 0, "IDeMe-Net input size; 0 = 84 on the CPU (
                      "(the paper's) on a GPU.")
 flags.DEFINE_bool("tf32", False, "On a GPU, let both sides use TF32 for float32 matmuls / convolutions "
                   "(default: full float32 on both).")
+flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "matmul_wgrad"], "JAX convolution "
+                  "(model.conv_impl); auto: matmul_wgrad on the CPU, xla on a GPU, as the trainer picks.")
 flags.DEFINE_integer("seed", 0, "Seed of the random inputs and parameters.")
 FLAGS = flags.FLAGS
 
@@ -87,7 +89,8 @@ def machine_line(jax_device, torch_device) -> str:
   tdev = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "cpu"
   return (f"CPU: {cpu}, {os.cpu_count()} cores | jax {jax.__version__} on {jax_device.platform} "
           f"({jax_device.device_kind}) | torch {torch.__version__} on {tdev} "
-          f"({torch.get_num_threads()} threads) | {platform.system()} {platform.machine()}")
+          f"({torch.get_num_threads()} threads) | {platform.system()} {platform.machine()} | "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} | JAX conv_impl {FLAGS.conv_impl}")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -284,7 +287,9 @@ def main(argv):
     torch.backends.cuda.matmul.allow_tf32 = FLAGS.tf32
     torch.backends.cudnn.allow_tf32 = FLAGS.tf32
     jax.config.update("jax_default_matmul_precision", "tensorfloat32" if FLAGS.tf32 else "highest")
-  conv_impl = "xla" if on_gpu else "matmul_wgrad"  # what model.conv_impl='auto' picks on that backend
+  conv_impl = FLAGS.conv_impl
+  if conv_impl == "auto":
+    conv_impl = "xla" if on_gpu else "matmul_wgrad"  # what model.conv_impl='auto' picks on that backend
   if not FLAGS.input_size:
     FLAGS.input_size = 224 if on_gpu else 84
   print(machine_line(jax_device, torch_device), flush=True)

@@ -413,6 +413,33 @@ def compare_checkpoint(config: ml_collections.ConfigDict, workdir: str, episodes
   return result
 
 
+def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, path: str) -> dict:
+  """Writes the eval.checkpoint (default best) model of workdir as a PyTorch state_dict in the
+  authors' format, so a researcher can go back to the PyTorch code (or check our converter on a
+  trained model: --mode=convert of this file restores the same variables).
+
+  IDeMe-Net presets write a GNet state_dict (metaNet_*.t7's keys, the duplicate
+  CNet.resnet.convnet.* copy included); `pretrain` a ClassificationNetwork one
+  (softRandom.t7's keys). Written through a temporary file and a rename: a crash
+  never leaves a partial file at `path`.
+  """
+  config_lib.validate(config)
+  name = config.method.name
+  if name not in SUPPORTED:
+    raise ConfigError(f"--mode=export supports method.name in {list(SUPPORTED)}, not {name!r}")
+  torch = _torch()
+  _, state = checkpoint.load_for_eval(config, workdir, sharding.make_mesh(), config.eval.checkpoint)
+  state_dict = torch_model(name, config, state.params, state.model_state).state_dict()
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise ConfigError(f"cannot write --torch_checkpoint={path!r}: {directory} is not a directory")
+  tmp = path + ".tmp"
+  torch.save(state_dict, tmp)
+  os.replace(tmp, path)
+  return {"exported": path, "workdir": workdir, "method": name, "step": int(state.step),
+          "checkpoint": config.eval.checkpoint, "keys": len(state_dict)}
+
+
 def format_table(result: dict) -> str:
   """Markdown table of a compare_checkpoint result."""
   head = (f"{result.get('method', '?')} on {result.get('episodes', '?')} {result.get('split', '')} episodes"

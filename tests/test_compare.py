@@ -177,6 +177,46 @@ def test_flax_to_torch_inverts_the_converters_exactly():
     np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def _save_best(config, method, params, state, directory, step=5):
+  tx = state_lib.optimizer_for(method, config)
+  ts = state_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params, model_state=state,
+                            opt_state=tx.init(params))
+  ckpt = checkpoint.Checkpoints(str(directory), 1)
+  ckpt.save(ckpt.best, ts, checkpoint.checkpoint_meta(config), metrics={"val_accuracy": 0.5})
+  ckpt.wait()
+  ckpt.close()
+
+
+def test_export_writes_the_authors_format_and_converts_back_exactly(tmp_path):
+  """--mode=export: a saved best checkpoint -> a .t7 that torch.load(weights_only=True) reads, with
+  GNet's keys (duplicate trunk included), which the converter turns back into the same variables."""
+  config, method, params, state = _idemenet_variables()
+  _save_best(config, method, params, state, tmp_path / "run")
+  out = tmp_path / "metaNet_1shot.t7"
+  info = compare.export_checkpoint(config, str(tmp_path / "run"), str(out))
+  assert info["step"] == 5 and info["method"] == "idemenet" and not (tmp_path / "metaNet_1shot.t7.tmp").exists()
+  sd = convert.load_state_dict(str(out))
+  assert {"CNet.resnet.convnet.conv1.weight", "CNet.conv1.weight", "attentionNet.encoder.0.0.weight", "toWeight.0.weight",
+          "fc.weight", "scale"} <= set(sd), sorted(sd)[:10]
+  back = convert.idemenet_from_torch(sd, grid=3, num_classes=ti.CLASSES, image_size=ti.SIZE, source=str(out))
+  want = compare._plain({"params": params, "batch_stats": state["batch_stats"]})  # pylint: disable=protected-access
+  assert jax.tree.structure(back) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  p_config, p_method, p_params, p_state = _pretrain_variables()
+  _save_best(p_config, p_method, p_params, p_state, tmp_path / "pre")
+  compare.export_checkpoint(p_config, str(tmp_path / "pre"), str(tmp_path / "softRandom.t7"))
+  sd = convert.load_state_dict(str(tmp_path / "softRandom.t7"))
+  assert all(k.startswith("convnet.") for k in sd) and "convnet.fc.weight" in sd
+  back = convert.embedding_from_torch(sd, num_classes=ti.CLASSES)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves({"params": p_params, "batch_stats": p_state["batch_stats"]})):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  with pytest.raises(ConfigError, match="not a directory"):
+    compare.export_checkpoint(config, str(tmp_path / "run"), str(tmp_path / "missing" / "x.t7"))
+  with pytest.raises(ConfigError, match="method.name"):
+    compare.export_checkpoint(load_config("protonet", "synthetic"), str(tmp_path / "run"), str(out))
+
+
 def test_summary_table_and_unsupported_method():
   per_mode = {"deformed": {"jax": np.array([0.6, 0.8]), "torch": np.array([0.6, 0.8]),
                            "agreement": np.array([1.0, 0.95]), "logit_rel_diff": np.array([1e-6, 2e-6])}}

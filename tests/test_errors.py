@@ -205,3 +205,11 @@ def test_convert_errors_name_the_problem(tmp_path, tfds_dir):
   assert not (tmp_path / "ran").exists()
   user_error(launch("--config=configs/protonet.py:synthetic", "--mode=convert", "--torch_checkpoint=x.t7",
                     f"--workdir={tmp_path / 'w'}", tfds_dir=tfds_dir), "method.name='protonet'")
+
+
+def test_export_errors_name_the_problem(tmp_path, tfds_dir):
+  """--mode=export: a missing flag and a workdir with no checkpoint, each one line."""
+  base = ("--config=configs/idemenet.py:pretrain", "--mode=export", f"--workdir={tmp_path / 'w'}")
+  user_error(launch(*base, tfds_dir=tfds_dir), "--torch_checkpoint")
+  user_error(launch(*base, f"--torch_checkpoint={tmp_path / 'out.t7'}", tfds_dir=tfds_dir), str(tmp_path / "w"))
+  assert not (tmp_path / "out.t7").exists()
