@@ -13,6 +13,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fewshot_jax import xla_setup
+
+xla_setup.set_cpu_defaults()  # before anything creates a JAX backend
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DEFAULT_CONFIG = os.path.join(_HERE, "configs", "protonet.py") + ":synthetic"
 

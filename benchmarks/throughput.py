@@ -20,6 +20,10 @@ import jax
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from fewshot_jax import xla_setup  # pylint: disable=g-import-not-at-top
+
+xla_setup.set_cpu_defaults()  # as launch.py: before JAX creates its backend
+
 from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from fewshot_jax import methods
 from fewshot_jax import sharding
@@ -36,6 +40,7 @@ flags.DEFINE_list("cases", _DEFAULT, "method:preset:ways:shots:queries:tasks, co
 flags.DEFINE_integer("steps", 10, "Steps per jitted call (lax.scan).")
 flags.DEFINE_integer("calls", 3, "Timed calls after one warm-up call.")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir for prepared data (default: config's).")
+flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "matmul_wgrad"], "model.conv_impl of every case.")
 FLAGS = flags.FLAGS
 
 
@@ -50,6 +55,7 @@ def time_case(case: str, datasets: dict) -> dict:
   if FLAGS.data_dir:
     c.data.data_dir = FLAGS.data_dir
   c.episode.update(ways=ways, shots=shots, queries=queries, tasks=tasks, train_ways=0)
+  c.model.conv_impl = FLAGS.conv_impl
   mesh = sharding.make_mesh()
   key = (c.data.name, c.data.split)
   if key not in datasets:
@@ -76,7 +82,8 @@ def main(argv):
   del argv
   device = jax.devices()[0]
   print(f"backend={jax.default_backend()} devices={len(jax.devices())} device={device.device_kind} "
-        f"cpus={os.cpu_count()} jax={jax.__version__} machine={platform.machine()}")
+        f"cpus={os.cpu_count()} jax={jax.__version__} machine={platform.machine()} "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} conv_impl={FLAGS.conv_impl}")
   rows, datasets = [], {}
   for case in FLAGS.cases:
     rows.append(time_case(case, datasets))

@@ -35,9 +35,14 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from fewshot_jax import xla_setup  # pylint: disable=g-import-not-at-top
+
+xla_setup.set_cpu_defaults()  # as launch.py: before JAX creates its backend
+
 from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from fewshot_jax import methods
 from fewshot_jax.data import episodes
+from fewshot_jax.models import layers
 from fewshot_jax.torch_reference import conv4 as torch_conv4
 from fewshot_jax.torch_reference import idemenet as torch_idemenet
 from fewshot_jax.torch_reference import lgmnet as torch_lgmnet
@@ -69,8 +74,11 @@ flags.DEFINE_integer("input_size", 0, "IDeMe-Net input size; 0 = 84 on the CPU (
 flags.DEFINE_bool("tf32", False, "On a GPU, let both sides use TF32 for float32 matmuls / convolutions "
                   "(default: full float32 on both).")
 flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "matmul_wgrad"], "JAX convolution "
-                  "(model.conv_impl); auto: matmul_wgrad on the CPU, xla on a GPU, as the trainer picks.")
+                  "(model.conv_impl); auto: what the trainer picks (models/layers.py).")
 flags.DEFINE_integer("seed", 0, "Seed of the random inputs and parameters.")
+flags.DEFINE_integer("profile", 0, "After timing, profile this many steps per side (jax.profiler / "
+                     "torch.profiler) and print where each side's time goes, by operation kind.")
+flags.DEFINE_integer("profile_top", 12, "Rows of the --profile breakdown per case.")
 FLAGS = flags.FLAGS
 
 
@@ -90,7 +98,9 @@ def machine_line(jax_device, torch_device) -> str:
   return (f"CPU: {cpu}, {os.cpu_count()} cores | jax {jax.__version__} on {jax_device.platform} "
           f"({jax_device.device_kind}) | torch {torch.__version__} on {tdev} "
           f"({torch.get_num_threads()} threads) | {platform.system()} {platform.machine()} | "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} | JAX conv_impl {FLAGS.conv_impl}")
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} | JAX conv_impl {FLAGS.conv_impl} "
+          f"({layers.resolve_conv_impl(FLAGS.conv_impl)}; LGM-Net task convs "
+          f"{'matmul_wgrad' if layers.task_conv_function(FLAGS.conv_impl) else 'xla'})")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -263,12 +273,115 @@ def time_case(name, jax_device, torch_device, conv_impl):
       t0 = time.perf_counter()
       run(FLAGS.steps)
       out.append(1000 * (time.perf_counter() - t0) / FLAGS.steps)
+  if FLAGS.profile:
+    jax_totals, holder["carry"] = profile_jax(step, holder["carry"], fixed, episode, FLAGS.profile)
+    print_profile(name, jax_totals, profile_torch(torch_step, FLAGS.profile), FLAGS.profile_top)
   return dict(name=name, what=CASES[name][6] + (f", {FLAGS.input_size}x{FLAGS.input_size}x3, augnum "
                                                 f"{c.method.augnum}, chooseNum {c.method.choose_num}, "
                                                 f"gallery {c.method.num_classes}x{c.method.gallery_per_class}"
                                                 if method_name == "idemenet" else ""),
               jax=statistics.median(jax_ms), torch=statistics.median(torch_ms), jax_all=jax_ms,
               torch_all=torch_ms, jax_warm=jax_warm, torch_warm=torch_warm)
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+def _jax_op_kinds(compiled_text: str) -> dict:
+  """HLO instruction name -> kind, from the compiled module: what the instruction (or the fused
+  computation it calls) computes -- convolution, dot, pooling window, reduce, transpose/copy,
+  elementwise -- and the pass, 'bwd' when its metadata says it comes from a transpose (the
+  backward pass), 'fwd' when it does not, '?' when XLA made it without metadata."""
+  import re  # pylint: disable=g-import-not-at-top
+  head = re.compile(r"^\s*(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+  inst = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([a-z][\w-]*)\(")
+  computations, current, rows = {}, None, []
+  for line in compiled_text.splitlines():
+    m = inst.match(line)
+    if m and current is not None:
+      calls = re.search(r"calls=%?([\w.\-]+)", line)
+      meta = re.search(r'op_name="([^"]*)"', line)
+      computations[current].add(m.group(2))
+      rows.append((m.group(1), m.group(2), meta.group(1) if meta else "", calls.group(1) if calls else None))
+      continue
+    m = head.match(line)
+    if m and "=" not in line:
+      current = m.group(1)
+      computations[current] = set()
+  kinds = {}
+  for name, opcode, meta, calls in rows:
+    ops = computations.get(calls, set()) if calls else {opcode}
+    if "convolution" in ops:
+      kind = "convolution"
+    elif "dot" in ops:
+      kind = "dot"
+    elif ops & {"reduce-window", "select-and-scatter"}:
+      kind = "pooling window"
+    elif "reduce" in ops:
+      kind = "reduce"
+    elif ops <= {"transpose", "copy", "parameter", "bitcast", "reshape", "slice", "concatenate", "pad"}:
+      kind = "transpose / copy / slice"
+    else:
+      kind = "elementwise"
+    kinds[name] = f"{kind} ({'bwd' if 'transpose(' in meta else 'fwd' if meta else '?'})"
+  return kinds
+
+
+def profile_jax(step, carry, fixed, episode, steps: int) -> dict:
+  """{kind: ms per step} of the JAX step, from jax.profiler's per-thunk events on the host plane."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from jax._src.lib import _profile_data  # pylint: disable=g-import-not-at-top
+  kinds = _jax_op_kinds(step.lower(carry, fixed, episode).compile().as_text())
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp)
+    for _ in range(steps):
+      carry, loss = step(carry, fixed, episode)
+    jax.block_until_ready((carry, loss))
+    jax.profiler.stop_trace()
+    data = _profile_data.ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[-1])
+  totals = {}
+  for plane in data.planes:
+    for line in plane.lines:
+      for event in line.events:
+        op = dict(event.stats).get("hlo_op")
+        if op:
+          kind = kinds.get(op, op)
+          totals[kind] = totals.get(kind, 0.0) + event.duration_ns / 1e6 / steps
+  return totals, carry
+
+
+def profile_torch(torch_step, steps: int) -> dict:
+  """{aten op: self ms per step} of the PyTorch step (torch.profiler, self CPU / CUDA time)."""
+  from torch import profiler as tp  # pylint: disable=g-import-not-at-top
+  activities = [tp.ProfilerActivity.CPU] + ([tp.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+  with tp.profile(activities=activities) as prof:
+    for _ in range(steps):
+      torch_step()
+    if torch.cuda.is_available():
+      torch.cuda.synchronize()
+  totals = {}
+  for e in prof.key_averages():
+    ms = (getattr(e, "self_device_time_total", 0) or e.self_cpu_time_total) / 1e3 / steps
+    totals[e.key] = totals.get(e.key, 0.0) + ms
+  return totals
+
+
+def print_profile(what: str, jax_totals: dict, torch_totals: dict, top: int):
+  """The two breakdowns side by side, largest first."""
+  jt, tt = sum(jax_totals.values()), sum(torch_totals.values())
+  j = sorted(jax_totals.items(), key=lambda kv: -kv[1])[:top]
+  t = sorted(torch_totals.items(), key=lambda kv: -kv[1])[:top]
+  print(f"\n{what}: where one step's time goes, under the profilers (ms/step and share of the side's "
+        f"total; JAX: XLA thunks by what they compute, total {jt:.1f}; PyTorch: self time by aten op, "
+        f"total {tt:.1f}; totals exceed the step time where work overlaps on threads)\n")
+  print("| JAX thunks (pass) | ms | % | PyTorch op | ms | % |")
+  print("|---|---:|---:|---|---:|---:|")
+  cell = lambda kv, total: ("", "", "") if kv is None else (kv[0], f"{kv[1]:.1f}", f"{100 * kv[1] / total:.0f}")
+  for i in range(max(len(j), len(t))):
+    a = cell(j[i] if i < len(j) else None, jt)
+    b = cell(t[i] if i < len(t) else None, tt)
+    print("| " + " | ".join(a + b) + " |")
 
 
 def main(argv):
@@ -287,9 +400,7 @@ def main(argv):
     torch.backends.cuda.matmul.allow_tf32 = FLAGS.tf32
     torch.backends.cudnn.allow_tf32 = FLAGS.tf32
     jax.config.update("jax_default_matmul_precision", "tensorfloat32" if FLAGS.tf32 else "highest")
-  conv_impl = FLAGS.conv_impl
-  if conv_impl == "auto":
-    conv_impl = "xla" if on_gpu else "matmul_wgrad"  # what model.conv_impl='auto' picks on that backend
+  conv_impl = FLAGS.conv_impl  # 'auto': model.conv_impl's own choice for this backend and XLA_FLAGS
   if not FLAGS.input_size:
     FLAGS.input_size = 224 if on_gpu else 84
   print(machine_line(jax_device, torch_device), flush=True)

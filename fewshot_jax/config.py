@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   # on higher-way episodes, as Snell et al. do on Omniglot.
   c.episode = ml_collections.ConfigDict(dict(ways=5, shots=1, queries=5, tasks=1, train_ways=0))
   c.train = ml_collections.ConfigDict(dict(
-      steps=2000, seed=0, eval_every=500, log_every=100, steps_per_call=50,
+      steps=2000, seed=0, eval_every=500, log_every=100, steps_per_call=50, loop="auto",
       optimizer="adam", lr=1e-3, schedule="step", decay_every=2000, decay_factor=0.5, min_lr=0.0,
       warmup_steps=0, weight_decay=0.0, grad_clip=0.0, keep_checkpoints=2))
   c.eval = ml_collections.ConfigDict(dict(
@@ -95,6 +95,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key, value in positive.items():
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"{key}={value!r} must be a positive integer")
+  if c.train.loop not in LOOPS:
+    raise ConfigError(f"train.loop={c.train.loop!r} is unknown; valid: {list(LOOPS)}")
   if c.episode.train_ways < 0:
     raise ConfigError(f"episode.train_ways={c.episode.train_ways} must be >= 0 (0 = episode.ways)")
   if not c.train.lr > 0:
@@ -108,6 +110,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if c.eval.checkpoint not in ("best", "latest"):
     raise ConfigError(f"eval.checkpoint={c.eval.checkpoint!r} is unknown; valid: ['best', 'latest']")
   return c
+
+
+LOOPS = ("auto", "scan", "python")
 
 
 def train_ways(c) -> int:

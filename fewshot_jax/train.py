@@ -1,7 +1,12 @@
 """Method-agnostic episodic trainer.
 
-One jitted call runs `steps_per_call` steps (sample -> augment -> loss ->
-update) under lax.scan so the host never waits on the device. Parameters are
+One call runs `steps_per_call` steps (sample -> augment -> loss -> update):
+under lax.scan in one jitted computation, so the host never waits on the
+device, or, with train.loop='python' ('auto' on the CPU when the models use
+XLA's convolution), as that many calls of the jitted step: XLA:CPU runs a
+convolution's weight gradient inside a loop body as a slow generic loop
+(models/layers.py), and on a CPU the per-step dispatch costs nothing by
+comparison. Both give the same steps with the same keys. Parameters are
 replicated and the episode's task axis is sharded over a mesh of all devices.
 Every step's randomness is fold_in(seed, step), so a run resumed from its
 latest checkpoint ends with exactly the parameters of an uninterrupted run.
@@ -27,6 +32,7 @@ from fewshot_jax import state as state_lib
 from fewshot_jax.data import augment as augment_lib
 from fewshot_jax.data import episodes
 from fewshot_jax.data import input_pipeline
+from fewshot_jax.models import layers
 
 
 def make_train_fn(method, tx, config, mesh) -> Callable:
@@ -52,6 +58,19 @@ def make_train_fn(method, tx, config, mesh) -> Callable:
     return state.replace(step=state.step + 1, params=params, model_state=model_state,
                          opt_state=opt_state), metrics
 
+  if train_loop(config) == "python":
+    step_fn = jax.jit(one_step, donate_argnums=0)
+    mean = jax.jit(lambda ms: jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *ms))
+
+    def python_loop(state, dataset, base_key, num_steps):
+      metrics = []
+      for _ in range(num_steps):
+        state, m = step_fn(state, dataset, base_key)
+        metrics.append(m)
+      return state, mean(metrics)
+
+    return python_loop
+
   @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
   def train_fn(state, dataset, base_key, num_steps):
     state, metrics = jax.lax.scan(lambda s, _: one_step(s, dataset, base_key), state, None,
@@ -59,6 +78,15 @@ def make_train_fn(method, tx, config, mesh) -> Callable:
     return state, jax.tree.map(jnp.mean, metrics)
 
   return train_fn
+
+
+def train_loop(config) -> str:
+  """train.loop with 'auto' resolved: 'python' on the CPU when plain convolutions are XLA's
+  (layers.resolve_conv_impl), whose weight gradient is slow inside lax.scan; 'scan' otherwise."""
+  if config.train.loop != "auto":
+    return config.train.loop
+  cpu_xla_conv = jax.default_backend() == "cpu" and layers.resolve_conv_impl(config.model.conv_impl) == "xla"
+  return "python" if cpu_xla_conv else "scan"
 
 
 def call_lengths(start: int, total: int, per_call: int, boundaries: Sequence[int]) -> list[int]:

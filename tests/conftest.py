@@ -5,6 +5,10 @@ import pathlib
 
 import pytest
 
+from fewshot_jax import xla_setup
+
+xla_setup.set_cpu_defaults()  # the XLA:CPU settings launch.py uses, before any test creates a backend
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(os.environ.get("FEWSHOT_DATA_DIR", REPO.parent / "shared" / "data"))
 

@@ -74,6 +74,7 @@ def test_unknown_preset_names_it_and_the_valid_ones(tmp_path):
     ("--config.data.name=cifar", ("data.name", "'cifar'", "omniglot", "mini_imagenet", "synthetic")),
     ("--config.episode.shots=0", ("episode.shots=0", "positive")),
     ("--config.train.lr=-1", ("train.lr=-1", "> 0")),
+    ("--config.train.loop=while", ("train.loop='while'", "'scan'", "'python'")),
 ])
 def test_bad_config_value(flag, needles, tmp_path, tfds_dir):
   user_error(launch(flag, "--mode=train", f"--workdir={tmp_path}", tfds_dir=tfds_dir), *needles)

@@ -51,6 +51,35 @@ def test_interrupted_run_resumes_to_identical_parameters(make_config, tmp_path):
   assert glob.glob(str(tmp_path / "crashy" / "tb" / "events.out.tfevents.*"))
 
 
+def test_python_loop_and_scan_train_alike(make_config):
+  """train.loop='python' (the CPU default with XLA convolutions) runs the scan's steps: same keys,
+  same updates, metrics averaged over the call. SGD at a small lr, as the probe below: XLA computes
+  a convolution differently inside and outside a loop body, and Adam amplifies that rounding."""
+  from fewshot_jax import methods, sharding, state as state_lib  # pylint: disable=g-import-not-at-top
+  from fewshot_jax.data import episodes, input_pipeline  # pylint: disable=g-import-not-at-top
+  results = {}
+  for loop in ("scan", "python"):
+    c = _small(make_config, **{"train.loop": loop, "train.optimizer": "sgd", "train.lr": 1e-3})
+    mesh = sharding.make_mesh()
+    method, tx = methods.build(c), state_lib.make_optimizer(c)
+    data = input_pipeline.load(c, "train", sharding.replicated(mesh))
+    example = episodes.episode_shapes(5, 1, 5, 1, (28, 28, 1))
+    st = jax.jit(lambda k, m=method, t=tx: state_lib.init_state(m, t, k, example))(jax.random.key(0))
+    fn = train.make_train_fn(method, tx, c, mesh)
+    st, m0 = fn(st, data, jax.random.key(1), 1)
+    st, m1 = fn(st, data, jax.random.key(1), 3)
+    st, m2 = fn(st, data, jax.random.key(1), 2)
+    results[loop] = (int(st.step), [float(m["loss"]) for m in (m0, m1, m2)], jax.tree.leaves(st.params))
+  scan, python = results["scan"], results["python"]
+  assert scan[0] == python[0] == 6
+  np.testing.assert_allclose(python[1][0], scan[1][0], rtol=1e-5)  # the same first step
+  np.testing.assert_allclose(python[1], scan[1], rtol=1e-4)
+  assert len(set(python[1])) == 3  # different episodes per step
+  for a, b in zip(python[2], scan[2]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  assert train.train_loop(_small(make_config, **{"train.loop": "auto"})) in ("python", "scan")
+
+
 _PROBE = r"""
 import json, sys, jax, numpy as np
 sys.path.insert(0, {repo!r})

@@ -99,6 +99,7 @@ def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
   if impl not in ("auto", "xla", "matmul_wgrad"):
     raise ConfigError(f"model.conv_impl={impl!r} is unknown; valid: ['auto', 'xla', 'matmul_wgrad']")
   conv = layers.conv_function(impl)
+  task_conv = layers.task_conv_function(impl)  # the TargetNet's per-task (kernel-batched) convolutions
   dtype = backbones.dtype_from_config(config)
   bn = dict(bn_momentum=mc.bn_momentum, bn_epsilon=mc.bn_epsilon)
   extractor = lgm.Extractor(features=config.model.features, dropout_rate=mc.dropout_rate, dtype=dtype,
@@ -148,7 +149,7 @@ def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
     """log p(class | query) [T, Q, N] for one noise draw [T, L, Z]."""
     kernels, biases = generate(params, context, noise)
     s = support.shape[1]
-    emb = lgm.target_net(jnp.concatenate([support, query], axis=1), kernels, biases, mc.task_conv, conv)
+    emb = lgm.target_net(jnp.concatenate([support, query], axis=1), kernels, biases, mc.task_conv, task_conv)
     match = lambda se, labels, qe: cosine_matching(qe, se, labels, ways, scale, match_eps)
     return jax.vmap(match)(emb[:, :s], support_labels, emb[:, s:])
 

@@ -1,17 +1,24 @@
-"""A convolution whose weight gradient is computed as shifted matmuls.
+"""Convolution choices for XLA:CPU, and max-pooling as reshape + max.
 
 XLA:CPU lowers the weight-gradient convolution (the batch axis contracted) to a
-slow generic loop: measured here, a 3x3 64->64 conv on 360 14x14 maps took
-0.5 s for forward+backward and over 10 s per step inside lax.scan, against
-0.27 s / 0.17 s with this rule. Forward and input gradient stay XLA
-convolutions. The result is the same convolution (gradients equal to float32
-rounding); `model.conv_impl='auto'` uses it on the CPU backend only, where
-cuDNN-style kernels are absent.
+slow generic loop when it sits inside a loop (lax.scan) or is batched over
+kernels (vmap, LGM-Net's per-task convolutions): measured here, a 3x3 64->64
+conv on 360 14x14 maps took over 10 s per step inside lax.scan against 0.17 s
+with `matmul_wgrad_conv`, which computes that gradient as shifted matmuls
+(forward and input gradient stay XLA convolutions; gradients equal to float32
+rounding). Outside loops, and with convolutions on XLA's own kernels rather than
+YNNPACK's (xla_setup.py), XLA's convolution is the faster one
+(benchmarks/conv_layers.py), so on the CPU `model.conv_impl='auto'` picks 'xla'
+when xla_setup's flag is in effect (the trainer then runs its steps from a
+Python loop, train.loop='auto') and 'matmul_wgrad' otherwise; kernel-batched
+convolutions always take 'matmul_wgrad' there (`task_conv_function`).
 """
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from fewshot_jax import xla_setup
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -74,8 +81,22 @@ def matmul_wgrad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_
   return _make(strides, tuple(map(tuple, pads)), precision)(lhs, rhs)
 
 
+def resolve_conv_impl(impl: str) -> str:
+  """'auto' -> what this backend wants for a plain convolution: 'xla' off the CPU and on a CPU
+  whose convolutions run on XLA's own kernels (xla_setup), 'matmul_wgrad' on other CPUs."""
+  if impl != "auto":
+    return impl
+  return "matmul_wgrad" if jax.default_backend() == "cpu" and not xla_setup.eigen_convolutions() else "xla"
+
+
 def conv_function(impl: str):
-  """The conv_general_dilated for nn.Conv: 'xla', 'matmul_wgrad', or 'auto' (matmul_wgrad on CPU)."""
+  """The conv_general_dilated for nn.Conv: 'xla' (None: lax's), 'matmul_wgrad', or 'auto'."""
+  return matmul_wgrad_conv if resolve_conv_impl(impl) == "matmul_wgrad" else None
+
+
+def task_conv_function(impl: str):
+  """conv_function for kernel-batched (vmapped) convolutions: 'auto' is 'matmul_wgrad' on the CPU
+  whatever XLA_FLAGS say (the batched weight gradient is XLA:CPU's slow loop)."""
   if impl == "auto":
     impl = "matmul_wgrad" if jax.default_backend() == "cpu" else "xla"
   return matmul_wgrad_conv if impl == "matmul_wgrad" else None

@@ -159,7 +159,7 @@ def target_net(features, kernels, biases, impl: str = "vmap", conv_general_dilat
     'grouped' (lax, T groups)      105 ms    9389 ms
   XLA:CPU's weight-gradient convolution is the slow part (see layers.py), and
   a grouped convolution cannot use the matmul rule, so 'vmap' with
-  layers.conv_function(model.conv_impl) is the default (method.task_conv). On
+  layers.task_conv_function(model.conv_impl) is the default (method.task_conv). On
   GPU/TPU the two are one computation: vmap's batching rule for a convolution
   whose kernel is batched emits the same feature-grouped convolution.
   """
