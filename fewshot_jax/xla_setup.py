@@ -7,7 +7,7 @@ jaxlib 0.10 hands every convolution on the CPU to YNNPACK (library fusion type
 `individual_convolution`, on by default). For the layers of our models that is
 about 2x slower than XLA's own (Eigen) convolution: measured on the 2-core CPU
 with benchmarks/conv_layers.py, forward + backward of a 3x3 64->64 convolution
-on 80 21x21 maps takes 118 ms with it and 49 ms without (PyTorch/oneDNN: 47 ms).
+on 80 21x21 maps takes 101 ms with it and 51 ms without (PyTorch/oneDNN: 44 ms).
 `-individual_convolution` takes it off the default list and keeps the rest.
 A flag the user already put in XLA_FLAGS wins; FEWSHOT_XLA_CPU_DEFAULTS=0
 leaves XLA_FLAGS alone (jaxlib's own defaults).

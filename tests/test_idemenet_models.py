@@ -292,3 +292,25 @@ def test_deformation_net_84_matches_torch_flatten_order():
   with torch.no_grad():
     ref = _torch_deformation_eval(torch, v, x).numpy()
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [42, 21, 11, 4, 3])
+def test_separable_max_pool_is_torchs_maxpool_3x3_s2_p1(size):
+  """Values and gradient of resnet.max_pool_3x3_s2_p1 against a -inf-padded 3x3/2 reduce_window
+  (torch's MaxPool2d(3, 2, 1)), on ReLU maps (zeros: ties) and odd sizes."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from fewshot_jax.models import resnet  # pylint: disable=g-import-not-at-top
+  x = jax.nn.relu(jax.random.normal(jax.random.key(size), (2, size, size, 3)))
+
+  def window(v):
+    v = jnp.pad(v, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return nn.max_pool(v, (3, 3), strides=(2, 2), padding="VALID")
+
+  out = resnet.max_pool_3x3_s2_p1(x)
+  assert out.shape == (2, (size - 1) // 2 + 1, (size - 1) // 2 + 1, 3)
+  np.testing.assert_array_equal(out, window(x))
+  # Gradients on continuous values (no ties; at a tie torch and XLA pick one element, jnp.maximum
+  # splits, and after a ReLU tied maxima are zeros whose ReLU gradient is 0 anyway).
+  y = jax.random.normal(jax.random.key(size + 1), x.shape)
+  grad = lambda f: jax.grad(lambda v: (f(v) ** 3).sum())(y)
+  np.testing.assert_array_equal(grad(resnet.max_pool_3x3_s2_p1), grad(window))
