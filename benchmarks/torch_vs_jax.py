@@ -327,8 +327,9 @@ def _jax_op_kinds(compiled_text: str) -> dict:
   return kinds
 
 
-def profile_jax(step, carry, fixed, episode, steps: int) -> dict:
-  """{kind: ms per step} of the JAX step, from jax.profiler's per-thunk events on the host plane."""
+def profile_jax(step, carry, fixed, episode, steps: int):
+  """({kind: ms per step}, carry) of the JAX step, from jax.profiler's per-thunk events on the
+  host plane; the carry is the stepped one (the step donates its input)."""
   import glob  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   from jax._src.lib import _profile_data  # pylint: disable=g-import-not-at-top
@@ -374,7 +375,8 @@ def print_profile(what: str, jax_totals: dict, torch_totals: dict, top: int):
   t = sorted(torch_totals.items(), key=lambda kv: -kv[1])[:top]
   print(f"\n{what}: where one step's time goes, under the profilers (ms/step and share of the side's "
         f"total; JAX: XLA thunks by what they compute, total {jt:.1f}; PyTorch: self time by aten op, "
-        f"total {tt:.1f}; totals exceed the step time where work overlaps on threads)\n")
+        f"total {tt:.1f}; totals differ from the step time: work overlapping on threads adds up, and "
+        f"time no event covers -- XLA:CPU's asynchronous thunks -- is missing)\n")
   print("| JAX thunks (pass) | ms | % | PyTorch op | ms | % |")
   print("|---|---:|---:|---|---:|---:|")
   cell = lambda kv, total: ("", "", "") if kv is None else (kv[0], f"{kv[1]:.1f}", f"{100 * kv[1] / total:.0f}")

@@ -382,10 +382,7 @@ def compare_checkpoint(config: ml_collections.ConfigDict, workdir: str, episodes
   `precision` (e.g. 'highest') runs the JAX side under jax.default_matmul_precision; None
   keeps --mode=eval's numbers.
   """
-  config_lib.validate(config)
-  name = config.method.name
-  if name not in SUPPORTED:
-    raise ConfigError(f"--mode=compare supports method.name in {list(SUPPORTED)}, not {name!r}")
+  name = _supported_method(config, "compare")
   num = config.eval.episodes if episodes is None else episodes
   if not isinstance(num, int) or isinstance(num, bool) or num < 1:
     raise ConfigError(f"the number of episodes to compare must be a positive integer, not {num!r}")
@@ -413,6 +410,15 @@ def compare_checkpoint(config: ml_collections.ConfigDict, workdir: str, episodes
   return result
 
 
+def _supported_method(config: ml_collections.ConfigDict, mode: str) -> str:
+  """Validates config; its method.name, which must have a PyTorch reference (SUPPORTED)."""
+  config_lib.validate(config)
+  name = config.method.name
+  if name not in SUPPORTED:
+    raise ConfigError(f"--mode={mode} supports method.name in {list(SUPPORTED)}, not {name!r}")
+  return name
+
+
 def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, path: str) -> dict:
   """Writes the eval.checkpoint (default best) model of workdir as a PyTorch state_dict in the
   authors' format, so a researcher can go back to the PyTorch code (or check our converter on a
@@ -423,16 +429,13 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, path: str
   (softRandom.t7's keys). Written through a temporary file and a rename: a crash
   never leaves a partial file at `path`.
   """
-  config_lib.validate(config)
-  name = config.method.name
-  if name not in SUPPORTED:
-    raise ConfigError(f"--mode=export supports method.name in {list(SUPPORTED)}, not {name!r}")
+  name = _supported_method(config, "export")
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):  # before the checkpoint is read
+    raise ConfigError(f"cannot write --torch_checkpoint={path!r}: {directory} is not a directory")
   torch = _torch()
   _, state = checkpoint.load_for_eval(config, workdir, sharding.make_mesh(), config.eval.checkpoint)
   state_dict = torch_model(name, config, state.params, state.model_state).state_dict()
-  directory = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(directory):
-    raise ConfigError(f"cannot write --torch_checkpoint={path!r}: {directory} is not a directory")
   tmp = path + ".tmp"
   torch.save(state_dict, tmp)
   os.replace(tmp, path)

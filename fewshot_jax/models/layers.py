@@ -97,9 +97,9 @@ def conv_function(impl: str):
 def task_conv_function(impl: str):
   """conv_function for kernel-batched (vmapped) convolutions: 'auto' is 'matmul_wgrad' on the CPU
   whatever XLA_FLAGS say (the batched weight gradient is XLA:CPU's slow loop)."""
-  if impl == "auto":
-    impl = "matmul_wgrad" if jax.default_backend() == "cpu" else "xla"
-  return matmul_wgrad_conv if impl == "matmul_wgrad" else None
+  if impl == "auto" and jax.default_backend() == "cpu":
+    impl = "matmul_wgrad"
+  return conv_function(impl)
 
 
 def max_pool_2x2(x):
