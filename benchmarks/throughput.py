@@ -61,7 +61,7 @@ def time_case(case: str, datasets: dict) -> dict:
   mesh = sharding.make_mesh()
   key = (c.data.name, c.data.split)
   if key not in datasets:
-    datasets[key] = input_pipeline.load(c, c.data.train_split, sharding.replicated(mesh))
+    datasets[key] = input_pipeline.load(c, c.data.train_split, mesh)
   data = datasets[key]
   method, tx = methods.build(c), state_lib.make_optimizer(c)
   example = episodes.episode_shapes(ways, shots, queries, tasks, input_pipeline.input_shape(c))

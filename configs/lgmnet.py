@@ -36,10 +36,11 @@ def get_config(preset: str = "synthetic"):
       bn_momentum=0.99,  # reference BatchNorm decay (Extractor and context encoder)
       bn_epsilon=1e-3,  # tf.contrib.layers.batch_norm default
       dropout_rate=0.0,  # after Extractor block 1; keep probability 1.0 in the published runs
-      # Per-task conv of the TargetNet: 'vmap' (default; on CPU with the matmul
-      # weight-gradient conv 358 ms fwd+bwd at T=32, 5-way 1-shot 1 query,
-      # 11x11x64) or 'grouped' (9389 ms on CPU); see models/lgmnet.target_net.
-      task_conv="vmap",
+      # Per-task conv of the TargetNet (models/lgmnet.task_conv): 'im2col' (one
+      # task-batched matmul; the task axis stays sharded over devices, and on the
+      # 2-core CPU within 5% of 'vmap'), 'vmap' (becomes a feature-grouped conv:
+      # XLA all-gathers its activations across devices) or 'grouped'.
+      task_conv="im2col",
       eval_mode="single",  # 'single' | 'mean' (z = mu) | 'ensemble' (majority vote)
       ensemble_draws=10)
   c.train.update(optimizer="adam", lr=1e-3, schedule="step", decay_every=1500,

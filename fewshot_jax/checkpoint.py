@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from fewshot_jax import methods
+from fewshot_jax import multihost
 from fewshot_jax import sharding
 from fewshot_jax import state as state_lib
 from fewshot_jax.errors import CheckpointError
@@ -168,8 +169,5 @@ def load_for_eval(config, workdir, mesh, which: str):
 
 
 def write_json(path: str, payload) -> None:
-  """Writes JSON atomically (temp file + rename), so a crash never leaves half a file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2)
-  os.replace(tmp, path)
+  """Writes JSON atomically (unique temp file + rename), so a crash never leaves half a file."""
+  multihost.write_atomic(path, json.dumps(payload, indent=2))

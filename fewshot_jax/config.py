@@ -44,13 +44,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="synthetic", split="default", manual_dir=ml_collections.FieldReference(None, field_type=str),
       data_dir=default_data_dir(), image_size=28, input_size=0, mean=(0.0,), std=(255.0,),
-      train_split="train", val_split="val"))
+      train_split="train", val_split="val",
+      # 'replicated': every device holds the whole split; 'sharded': each holds 1/D
+      # of the images (splits larger than one device) and an episode's images are
+      # gathered from their owners inside the step (data/episodes.take_images).
+      placement="replicated"))
   c.augment = ml_collections.ConfigDict(dict(flip_prob=0.0, class_rotations=()))
   # episode.* is the task trained on and evaluated; train_ways (0 = ways) trains
   # on higher-way episodes, as Snell et al. do on Omniglot.
   c.episode = ml_collections.ConfigDict(dict(ways=5, shots=1, queries=5, tasks=1, train_ways=0))
+  # train.checkpoint_every: the latest checkpoint's own cadence (it is also
+  # written at every validation and when SIGTERM / SIGINT stop the run).
   c.train = ml_collections.ConfigDict(dict(
-      steps=2000, seed=0, eval_every=500, log_every=100, steps_per_call=50, loop="auto",
+      steps=2000, seed=0, eval_every=500, log_every=100, checkpoint_every=200, steps_per_call=50, loop="auto",
       optimizer="adam", lr=1e-3, schedule="step", decay_every=2000, decay_factor=0.5, min_lr=0.0,
       warmup_steps=0, weight_decay=0.0, grad_clip=0.0, keep_checkpoints=2))
   c.eval = ml_collections.ConfigDict(dict(
@@ -90,11 +96,14 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               "episode.queries": c.episode.queries, "episode.tasks": c.episode.tasks,
               "train.steps": c.train.steps, "train.eval_every": c.train.eval_every,
               "train.log_every": c.train.log_every, "train.steps_per_call": c.train.steps_per_call,
+              "train.checkpoint_every": c.train.checkpoint_every,
               "eval.episodes": c.eval.episodes, "eval.queries": c.eval.queries,
               "eval.tasks": c.eval.tasks, "eval.val_episodes": c.eval.val_episodes}
   for key, value in positive.items():
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"{key}={value!r} must be a positive integer")
+  if c.data.placement not in PLACEMENTS:
+    raise ConfigError(f"data.placement={c.data.placement!r} is unknown; valid: {list(PLACEMENTS)}")
   if c.train.loop not in LOOPS:
     raise ConfigError(f"train.loop={c.train.loop!r} is unknown; valid: {list(LOOPS)}")
   if c.episode.train_ways < 0:
@@ -113,6 +122,28 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 LOOPS = ("auto", "scan", "python")
+PLACEMENTS = ("replicated", "sharded")
+
+
+def fit_to_devices(c: ml_collections.ConfigDict, devices: int) -> ml_collections.ConfigDict:
+  """A copy with episode.tasks and eval.tasks rounded up to multiples of the device count.
+
+  The task axis is sharded over all devices, so presets written for one device
+  run unchanged on 2, 4, ... 16: a meta-batch of 32 stays 32 where it divides,
+  a single-task preset trains one task per device. Each change is logged.
+  Evaluation results do not depend on eval.tasks (episode i is always the same).
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  c = c.copy_and_resolve_references()
+  with c.unlocked():
+    for section in ("episode", "eval"):
+      tasks = c[section].tasks
+      fitted = -(-tasks // devices) * devices
+      if fitted != tasks:
+        logging.info("%s.tasks=%d rounded up to %d, a multiple of the %d devices", section, tasks, fitted,
+                     devices)
+        c[section].tasks = fitted
+  return c
 
 
 def train_ways(c) -> int:

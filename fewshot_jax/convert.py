@@ -271,7 +271,7 @@ def convert_to_workdir(config, torch_checkpoint: str, workdir: str) -> dict:
   else:
     variables = idemenet_from_torch(state_dict, mc.grid, mc.num_classes, idemenet.input_size(config),
                                     source=torch_checkpoint)
-    train_data = input_pipeline.load(config, config.data.train_split, sharding.replicated(mesh))
+    train_data = input_pipeline.load(config, config.data.train_split, mesh)
     model_state = idemenet.attach_gallery(config, variables, train_data)
     model_state.pop("params")
   params = jax.tree.map(jax.numpy.asarray, variables["params"])

@@ -4,6 +4,7 @@ Episode i is drawn from fold_in(eval.seed, i), so every method, checkpoint,
 batch size and device count is scored on the very same episodes.
 """
 
+import functools
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import numpy as np
 
 from fewshot_jax import checkpoint
 from fewshot_jax import config as config_lib
+from fewshot_jax import multihost
 from fewshot_jax import sharding
 from fewshot_jax.data import augment as augment_lib
 from fewshot_jax.data import episodes
@@ -55,8 +57,9 @@ class Evaluator:
   def __init__(self, method, config: ml_collections.ConfigDict, mesh, split: str, num_episodes: int,
                dataset: episodes.DeviceDataset | None = None, protocol: str | None = None):
     if dataset is None:
-      dataset = input_pipeline.load(config, split, sharding.replicated(mesh))
+      dataset = input_pipeline.load(config, split, mesh)
     self.dataset = dataset
+    self.mesh = mesh
     self.protocol = protocol or config.eval.protocol
     if self.protocol not in config_lib.PROTOCOLS:
       raise ConfigError(f"eval.protocol={self.protocol!r} is unknown; valid: {list(config_lib.PROTOCOLS)}")
@@ -81,7 +84,7 @@ class Evaluator:
       take = lambda x: jnp.take_along_axis(x, pick.reshape(pick.shape + (1,) * (x.ndim - 2)), axis=1)
       return episode.replace(query=take(episode.query), query_labels=take(episode.query_labels))
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))  # readable by every process
     def batch_accuracy(params, model_state, dataset, start):
       ids = start + jnp.arange(self.tasks)
       task_keys = jax.vmap(lambda i: jax.random.fold_in(sample_key, i))(ids)
@@ -118,6 +121,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """
   config_lib.validate(config)
   mesh = sharding.make_mesh()
+  config = config_lib.fit_to_devices(config, mesh.size)
   method, state = checkpoint.load_for_eval(config, workdir, mesh, config.eval.checkpoint)
   protocol = config.eval.protocol
   num = config.eval.reference_tasks if protocol == "reference" else config.eval.episodes
@@ -127,6 +131,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             **evaluator.run(state.params, state.model_state), "step": int(state.step)}
   if getattr(method, "deform", None) is not None:
     result["figure"] = write_deformation_figure(method, state, config, evaluator, workdir)
+  if not multihost.is_main():
+    return result
   path = os.path.join(workdir, f"eval_{config.eval.split}.json")
   written = {}
   if os.path.exists(path):
@@ -150,12 +156,19 @@ def write_deformation_figure(method, state, config, evaluator: Evaluator, workdi
   ways, shots = config.episode.ways, config.episode.shots
   aug = augment_lib.from_config(config, ways, training=False)
   sample_key, _ = jax.random.split(jax.random.key(config.eval.seed))
-  keys = jax.vmap(lambda i: jax.random.fold_in(sample_key, i))(jnp.arange(config.eval.tasks))
-  episode = episodes.sample_tasks(keys, evaluator.dataset, ways=ways, shots=shots, queries=1, augment=aug)
+
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(evaluator.mesh))  # readable by every process
+  def figure_data(params, model_state, dataset):
+    keys = jax.vmap(lambda i: jax.random.fold_in(sample_key, i))(jnp.arange(config.eval.tasks))
+    episode = episodes.sample_tasks(keys, dataset, ways=ways, shots=shots, queries=1, augment=aug)
+    return method.deform(params, model_state, episode, jax.random.key(config.eval.seed))
+
   probe, gallery, weights, deformed = jax.device_get(
-      jax.jit(method.deform)(state.params, state.model_state, episode, jax.random.key(config.eval.seed)))
+      figure_data(state.params, state.model_state, evaluator.dataset))
   take = lambda x: x[:, :, 0].reshape((-1,) + x.shape[3:])[:rows]  # first copy of each support
   path = os.path.join(workdir, f"deformations_{config.eval.split}.png")
+  if not multihost.is_main():  # every process computed the figure's episodes; process 0 draws it
+    return path
   figures.deformation_grid(path, take(probe), take(gallery), take(weights), take(deformed),
                            mean=config.data.mean, std=config.data.std, grid=config.method.grid,
                            max_rows=rows, title=f"{config.method.name} step {int(state.step)}, "

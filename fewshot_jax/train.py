@@ -10,6 +10,12 @@ comparison. Both give the same steps with the same keys. Parameters are
 replicated and the episode's task axis is sharded over a mesh of all devices.
 Every step's randomness is fold_in(seed, step), so a run resumed from its
 latest checkpoint ends with exactly the parameters of an uninterrupted run.
+
+The same code runs in one process or many (multihost.py): every process
+executes every step on its devices of the global mesh; files, TensorBoard and
+INFO lines come from process 0; checkpoints are written by orbax from all
+processes; SIGTERM / Ctrl-C stop every process after the same step, with a
+checkpoint (preemption.py).
 """
 
 import functools
@@ -27,6 +33,8 @@ from fewshot_jax import checkpoint
 from fewshot_jax import config as config_lib
 from fewshot_jax import evaluate
 from fewshot_jax import methods
+from fewshot_jax import multihost
+from fewshot_jax import preemption
 from fewshot_jax import sharding
 from fewshot_jax import state as state_lib
 from fewshot_jax.data import augment as augment_lib
@@ -35,8 +43,8 @@ from fewshot_jax.data import input_pipeline
 from fewshot_jax.models import layers
 
 
-def make_train_fn(method, tx, config, mesh) -> Callable:
-  """jit(state, dataset, base_key, num_steps) -> (state, mean metrics over the steps)."""
+def make_step(method, tx, config, mesh) -> Callable:
+  """The pure training step: (state, dataset, base_key) -> (state, metrics)."""
   ways = config_lib.train_ways(config)
   aug = augment_lib.from_config(config, ways)
   sampling = dict(tasks=config.episode.tasks, ways=ways, shots=config.episode.shots,
@@ -58,9 +66,21 @@ def make_train_fn(method, tx, config, mesh) -> Callable:
     return state.replace(step=state.step + 1, params=params, model_state=model_state,
                          opt_state=opt_state), metrics
 
+  return one_step
+
+
+def make_train_fn(method, tx, config, mesh) -> Callable:
+  """jit(state, dataset, base_key, num_steps) -> (state, mean metrics over the steps).
+
+  State and metrics come out replicated: every process holds the whole state
+  and can read the metrics.
+  """
+  one_step = make_step(method, tx, config, mesh)
+  replicated = sharding.replicated(mesh)
+
   if train_loop(config) == "python":
-    step_fn = jax.jit(one_step, donate_argnums=0)
-    mean = jax.jit(lambda ms: jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *ms))
+    step_fn = jax.jit(one_step, donate_argnums=0, out_shardings=replicated)
+    mean = jax.jit(lambda ms: jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *ms), out_shardings=replicated)
 
     def python_loop(state, dataset, base_key, num_steps):
       metrics = []
@@ -71,7 +91,7 @@ def make_train_fn(method, tx, config, mesh) -> Callable:
 
     return python_loop
 
-  @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+  @functools.partial(jax.jit, static_argnums=3, donate_argnums=0, out_shardings=replicated)
   def train_fn(state, dataset, base_key, num_steps):
     state, metrics = jax.lax.scan(lambda s, _: one_step(s, dataset, base_key), state, None,
                                   length=num_steps)
@@ -128,40 +148,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains (resuming from workdir if a checkpoint exists) with periodic validation.
 
   `hooks(step, state)` run after every host call; a hook may raise to stop the
-  run (a preemption in tests).
+  run (a preemption in tests). SIGTERM / SIGINT checkpoint and raise
+  preemption.Stopped.
   """
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh()
-  sharding.check_tasks_divisible(config.episode.tasks, mesh, "episode.tasks")
+  config = config_lib.fit_to_devices(config, mesh.size)
+  if multihost.is_main():
+    os.makedirs(workdir, exist_ok=True)
   method = methods.build(config)
   tx = state_lib.optimizer_for(method, config)
   ways = config_lib.train_ways(config)
+  example = state_lib.train_example(method, config)
+  sharding.check_batch_divisible(example, mesh)
 
-  train_data = input_pipeline.load(config, config.data.train_split, sharding.replicated(mesh))
+  train_data = input_pipeline.load(config, config.data.train_split, mesh)
   if method.train_batch is None:
     ways_key = "episode.train_ways" if config.episode.train_ways else "episode.ways"
     episodes.check_episode_fits(train_data, ways, config.episode.shots, config.episode.queries,
                                 config.data.train_split, (ways_key, "episode.shots", "episode.queries"))
   validator = evaluate.Evaluator(method, config, mesh, config.data.val_split, config.eval.val_episodes)
 
-  example = state_lib.train_example(method, config)
   root_key = jax.random.key(config.train.seed)
   init_key, train_key = jax.random.split(root_key)
-  state = jax.jit(functools.partial(state_lib.init_state, method, tx), out_shardings=sharding.replicated(mesh))(
+  replicated = sharding.replicated(mesh)
+  state = jax.jit(functools.partial(state_lib.init_state, method, tx), out_shardings=replicated)(
       init_key, example)
+  multihost.barrier("workdir")  # process 0 made it
   ckpt = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
   meta = checkpoint.checkpoint_meta(config)
   if ckpt.latest.latest_step() is not None:
-    state = checkpoint.restore(ckpt.latest, checkpoint.abstract_like(state, sharding.replicated(mesh)), config)
+    state = checkpoint.restore(ckpt.latest, checkpoint.abstract_like(state, replicated), config)
     logging.info("Resumed from %s at step %d", ckpt.latest.directory, int(state.step))
   elif method.setup is not None:
     variables = method.setup({"params": state.params, **state.model_state}, train_data)
     params = variables.pop("params")
     state = jax.device_put(state.replace(params=params, model_state=variables, opt_state=tx.init(params)),
-                           sharding.replicated(mesh))
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+                           replicated)
+  if multihost.is_main():
+    multihost.write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   train_fn = make_train_fn(method, tx, config, mesh)
   schedule = state_lib.learning_rate_schedule(config.train)
@@ -170,40 +195,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start = int(state.step)
   step, t0, done_since_t0 = start, time.time(), 0
   images_per_episode = state_lib.images_per_task(example, config.episode.tasks)
-  for length in call_lengths(start, tc.steps, tc.steps_per_call, (tc.log_every, tc.eval_every)):
-    state, metrics = train_fn(state, train_data, train_key, length)
-    step += length
-    done_since_t0 += length
-    if step % tc.log_every == 0 or step == tc.steps:
-      metrics = jax.device_get(metrics)
-      elapsed = time.time() - t0
-      eps = done_since_t0 * config.episode.tasks / elapsed
-      eta = (tc.steps - step) * config.episode.tasks / eps
-      extra = "".join(f" {k} {float(v):.4f}" for k, v in metrics.items() if k not in ("loss", "accuracy"))
-      logging.info("step %d/%d loss %.4f accuracy %.4f%s lr %.2e | %.1f episodes/s %.0f images/s | ETA %s",
-                   step, tc.steps, metrics["loss"], metrics["accuracy"], extra, schedule(step), eps,
-                   eps * images_per_episode, _hms(eta))
-      writer.scalars(step, {f"train/{k}": v for k, v in metrics.items()} |
-                     {"train/lr": schedule(step), "train/episodes_per_s": eps})
-      t0, done_since_t0 = time.time(), 0
-    if step % tc.eval_every == 0 or step == tc.steps:
-      result = validator.run(state.params, state.model_state)
-      others = ", ".join(f"{m} {r['accuracy']:.2f}" for m, r in result["modes"].items() if m != result["mode"])
-      logging.info("step %d validation accuracy %.2f%% +- %.2f (%d %s episodes of %s, %s mode)%s", step,
-                   result["accuracy"], result["ci95"], result["episodes"], result["protocol"],
-                   config.data.val_split, result["mode"], f"; {others}" if others else "")
-      writer.scalars(step, {"val/accuracy": result["accuracy"]} |
-                     {f"val/accuracy_{m}": r["accuracy"] for m, r in result["modes"].items()})
+
+  def save_latest():
+    if ckpt.latest.latest_step() != step:
+      _check_replicas(state)
       ckpt.save(ckpt.latest, state, meta)
-      ckpt.save(ckpt.best, state, meta, metrics={"val_accuracy": result["accuracy"]})
-      ckpt.wait()
-      t0, done_since_t0 = time.time(), 0  # validation time is not training throughput
-    for hook in hooks:
-      hook(step, state)
+
+  with preemption.StopRequests() as stops:
+    for length in call_lengths(start, tc.steps, tc.steps_per_call,
+                               (tc.log_every, tc.eval_every, tc.checkpoint_every)):
+      state, metrics = train_fn(state, train_data, train_key, length)
+      step += length
+      done_since_t0 += length
+      if step % tc.log_every == 0 or step == tc.steps:
+        metrics = jax.device_get(metrics)
+        elapsed = time.time() - t0
+        eps = done_since_t0 * config.episode.tasks / elapsed
+        eta = (tc.steps - step) * config.episode.tasks / eps
+        extra = "".join(f" {k} {float(v):.4f}" for k, v in metrics.items() if k not in ("loss", "accuracy"))
+        logging.info("step %d/%d loss %.4f accuracy %.4f%s lr %.2e | %.1f episodes/s %.0f images/s | ETA %s",
+                     step, tc.steps, metrics["loss"], metrics["accuracy"], extra, schedule(step), eps,
+                     eps * images_per_episode, _hms(eta))
+        writer.scalars(step, {f"train/{k}": v for k, v in metrics.items()} |
+                       {"train/lr": schedule(step), "train/episodes_per_s": eps})
+        t0, done_since_t0 = time.time(), 0
+      if step % tc.eval_every == 0 or step == tc.steps:
+        result = validator.run(state.params, state.model_state)
+        others = ", ".join(f"{m} {r['accuracy']:.2f}" for m, r in result["modes"].items() if m != result["mode"])
+        logging.info("step %d validation accuracy %.2f%% +- %.2f (%d %s episodes of %s, %s mode)%s", step,
+                     result["accuracy"], result["ci95"], result["episodes"], result["protocol"],
+                     config.data.val_split, result["mode"], f"; {others}" if others else "")
+        writer.scalars(step, {"val/accuracy": result["accuracy"]} |
+                       {f"val/accuracy_{m}": r["accuracy"] for m, r in result["modes"].items()})
+        save_latest()
+        ckpt.save(ckpt.best, state, meta, metrics={"val_accuracy": result["accuracy"]})
+        ckpt.wait()
+        t0, done_since_t0 = time.time(), 0  # validation time is not training throughput
+      elif step % tc.checkpoint_every == 0:
+        save_latest()
+      for hook in hooks:
+        hook(step, state)
+      signum = stops.agreed()
+      if signum and step < tc.steps:
+        save_latest()
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        raise preemption.Stopped(signum, step, str(ckpt.latest.directory))
   ckpt.wait()
   ckpt.close()
   writer.close()
   return state
+
+
+def _check_replicas(state) -> None:
+  """With several processes, stops the run if their copies of the parameters differ."""
+  if jax.process_count() > 1:
+    value = multihost.check_replicas_agree(state.params, "parameters")
+    logging.info("step %d: parameters agree on all %d processes (fingerprint %.9e)", int(state.step),
+                 jax.process_count(), value[0])
 
 
 def _hms(seconds: float) -> str:

@@ -62,7 +62,7 @@ def test_python_loop_and_scan_train_alike(make_config):
     c = _small(make_config, **{"train.loop": loop, "train.optimizer": "sgd", "train.lr": 1e-3})
     mesh = sharding.make_mesh()
     method, tx = methods.build(c), state_lib.make_optimizer(c)
-    data = input_pipeline.load(c, "train", sharding.replicated(mesh))
+    data = input_pipeline.load(c, "train", mesh)
     example = episodes.episode_shapes(5, 1, 5, 1, (28, 28, 1))
     st = jax.jit(lambda k, m=method, t=tx: state_lib.init_state(m, t, k, example))(jax.random.key(0))
     fn = train.make_train_fn(method, tx, c, mesh)
@@ -94,7 +94,7 @@ c.episode.tasks = 8
 c.train.optimizer, c.train.lr = "sgd", 1e-3
 mesh = sharding.make_mesh()
 method, tx = methods.build(c), state_lib.make_optimizer(c)
-data = input_pipeline.load(c, "train", sharding.replicated(mesh))
+data = input_pipeline.load(c, "train", mesh)
 example = episodes.episode_shapes(20, 1, 5, 8, (28, 28, 1))
 st = jax.jit(lambda k: state_lib.init_state(method, tx, k, example), out_shardings=sharding.replicated(mesh))(jax.random.key(0))
 fn = train.make_train_fn(method, tx, c, mesh)

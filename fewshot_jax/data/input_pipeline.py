@@ -1,7 +1,12 @@
 """From config to device-resident splits: prepare the TFDS builder once, load a split."""
 
+import os
+import time
+
+from absl import logging
 import ml_collections
 
+from fewshot_jax import multihost
 from fewshot_jax.data import builders
 from fewshot_jax.data import episodes
 
@@ -9,16 +14,42 @@ _CHANNELS = {"omniglot": 1, "synthetic": 1, "mini_imagenet": 3}
 
 
 def builder_from_config(config: ml_collections.ConfigDict):
-  """The prepared TFDS builder of config.data (prepared on first use, then cached on disk)."""
+  """The prepared TFDS builder of config.data (prepared on first use, then cached on disk).
+
+  Prepared once per data_dir: process 0 prepares while the others wait at a
+  barrier, and a file lock in data_dir serialises preparation between
+  processes that do not share the barrier's view (a data_dir local to each
+  host: there each host's first process to take the lock prepares it).
+  """
   d = config.data
-  builder = builders.make_builder(d.name, scheme=d.split, image_size=d.image_size, data_dir=d.data_dir,
-                                  manual_dir=d.manual_dir)
-  return builders.prepare(builder)
+  make = lambda: builders.make_builder(d.name, scheme=d.split, image_size=d.image_size, data_dir=d.data_dir,
+                                       manual_dir=d.manual_dir)
+  builder = make()  # validates the config before any process waits
+  if multihost.is_main() and not builder.is_prepared():
+    builder = _prepare_locked(make, d)
+  multihost.barrier(f"prepare {d.name}/{d.split}/{d.image_size}")
+  if not multihost.is_main():
+    builder = make()  # made after the barrier, so it sees what process 0 wrote
+  return builder if builder.is_prepared() else _prepare_locked(make, d)
 
 
-def load(config: ml_collections.ConfigDict, split: str, sharding=None) -> episodes.DeviceDataset:
-  """The split on the device (replicated over the mesh when `sharding` is given)."""
-  return episodes.load_split(builder_from_config(config), split, sharding)
+def _prepare_locked(make, d):
+  lock = os.path.join(d.data_dir, f".prepare-{d.name}-{d.split}-{d.image_size}.lock")
+  with multihost.file_lock(lock):
+    builder = make()  # made under the lock, so it sees what another process finished
+    if builder.is_prepared():
+      return builder
+    start = time.time()
+    builders.prepare(builder)
+    log = logging.info if multihost.is_main() else logging.warning
+    log("Prepared %s into %s in %.1f s%s", builder.info.full_name, d.data_dir, time.time() - start,
+        "" if multihost.is_main() else " (this process does not share process 0's data_dir)")
+    return builder
+
+
+def load(config: ml_collections.ConfigDict, split: str, mesh=None) -> episodes.DeviceDataset:
+  """The split on the devices of `mesh` in config.data.placement (default device without a mesh)."""
+  return episodes.load_split(builder_from_config(config), split, mesh, config.data.placement)
 
 
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:

@@ -35,16 +35,21 @@ class Method:
 
 
 def flatten_images(episode):
-  """Support and query images of all tasks as one batch (shared networks run once)."""
+  """Support and query images of all tasks as one batch (shared networks run once).
+
+  Concatenated task by task ([T, S + Q, ...] -> [T * (S + Q), ...]), so the
+  batch stays sharded on the task axis: concatenating all supports and then
+  all queries would make every device gather the other devices' images.
+  `split(features)` -> (support [T, S, ...], query [T, Q, ...]).
+  """
   t, s = episode.support.shape[:2]
   q = episode.query.shape[1]
-  images = jnp.concatenate([
-      episode.support.reshape((t * s,) + episode.support.shape[2:]),
-      episode.query.reshape((t * q,) + episode.query.shape[2:])
-  ])
+  images = jnp.concatenate([episode.support, episode.query], axis=1)
+  images = images.reshape((t * (s + q),) + images.shape[2:])
 
   def split(features):
-    return features[:t * s].reshape(t, s, -1), features[t * s:].reshape(t, q, -1)
+    features = features.reshape((t, s + q) + features.shape[1:])
+    return features[:, :s], features[:, s:]
 
   return images, split
 
@@ -73,6 +78,15 @@ def squared_distances(a, b):
   few-shot M x N x D is small enough that the direct form costs nothing.
   """
   return jnp.sum(jnp.square(a[:, None, :] - b[None, :, :]), -1)
+
+
+def top_k_indices(x, k: int):
+  """Indices of the k largest entries of the last axis, as lax.top_k's (ties: lower index first).
+
+  A stable sort: XLA partitions a sort along its batch axes, where it gathers
+  the whole operand of a TopK to every device.
+  """
+  return jnp.argsort(-x, axis=-1, stable=True)[..., :k]
 
 
 def classification_metrics(logits, labels):

@@ -44,6 +44,7 @@ import optax
 
 from fewshot_jax.errors import CheckpointError, ConfigError
 from fewshot_jax.data import augment
+from fewshot_jax.data import episodes
 from fewshot_jax.methods import common
 from fewshot_jax.models import backbones
 from fewshot_jax.models import deformation as deform_lib
@@ -137,7 +138,7 @@ def attach_gallery(config, variables, train_dataset):
                       f"{train_dataset.num_classes} base classes")
   idx, labels = choose_gallery(np.asarray(train_dataset.class_index), np.asarray(train_dataset.class_counts),
                                mc.gallery_per_class, mc.gallery_seed)
-  images = jnp.asarray(train_dataset.images)[idx]
+  images = jax.jit(lambda ds, i: episodes.take_images(ds, i, scatter=False))(train_dataset, idx)
   e_vars = {"params": variables["params"]["embedding"], "batch_stats": variables["batch_stats"]["embedding"]}
   features = embed_batched(embedding_model(config), e_vars, images, config)
   return {**variables, "gallery": {"images": images, "labels": jnp.asarray(labels), "features": features}}
@@ -146,7 +147,7 @@ def attach_gallery(config, variables, train_dataset):
 def gallery_candidates(support_feats, support_labels, gallery_feats, ways: int, k: int):
   """[N, k] indices of the k gallery images nearest (squared Euclidean) to each class prototype."""
   protos = common.prototypes(support_feats, support_labels, ways)
-  return jax.lax.top_k(-common.squared_distances(protos, gallery_feats), k)[1]
+  return common.top_k_indices(-common.squared_distances(protos, gallery_feats), k)
 
 
 def load_pretrained(workdir: str, which: str = "best"):

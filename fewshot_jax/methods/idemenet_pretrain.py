@@ -19,6 +19,7 @@ import ml_collections
 import optax
 
 from fewshot_jax.data import augment
+from fewshot_jax.data import episodes
 from fewshot_jax.errors import ConfigError
 from fewshot_jax.methods import common
 from fewshot_jax.methods import idemenet
@@ -44,9 +45,6 @@ def build(config: ml_collections.ConfigDict) -> common.Method:
       raise ConfigError(f"method.{key}={mc[key]!r} must be a positive integer")
   if not 0.0 <= mc.mix_prob <= 1.0:
     raise ConfigError(f"method.mix_prob={mc.mix_prob} must lie in [0, 1]")
-  if config.episode.tasks != 1:
-    raise ConfigError(f"episode.tasks={config.episode.tasks} must be 1 for pretraining (method.batch_size "
-                      "sets the batch)")
   size = idemenet.input_size(config)
   model = idemenet.embedding_model(config)
   batch, per_class = mc.batch_size, mc.images_per_class
@@ -62,8 +60,8 @@ def build(config: ml_collections.ConfigDict) -> common.Method:
     # Partner: another of the class's first `limit` images (never the image itself).
     shift = 1 + (jax.random.uniform(partner_key, (batch,)) * (limit[classes] - 1)).astype(jnp.int32)
     second = (first + shift) % limit[classes]
-    images = dataset.images[dataset.class_index[classes, first]]
-    partners = dataset.images[dataset.class_index[classes, second]]
+    images = episodes.take_images(dataset, dataset.class_index[classes, first])
+    partners = episodes.take_images(dataset, dataset.class_index[classes, second])
     out = augment.pretrain_augment(aug_key, images, partners, mean=config.data.mean, std=config.data.std,
                                    size=size, flip_prob=mc.flip_prob, mix_prob=mc.mix_prob, grid=mc.grid,
                                    scale=tuple(mc.crop_scale))

@@ -118,25 +118,25 @@ def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
 
   def embed(params, state, episode, train, key=None):
     """Extractor on all images, context encoder on all supports -> per-task pieces."""
-    images, _ = common.flatten_images(episode)
+    images, split = common.flatten_images(episode)
     t, s = episode.support.shape[:2]
-    q = episode.query.shape[1]
     stats = state["batch_stats"]
     ext_vars = {"params": params["extractor"], "batch_stats": stats["extractor"]}
     ctx_vars = {"params": params["context_encoder"], "batch_stats": stats["context_encoder"]}
     if train:
       rngs = {"dropout": key} if key is not None else {}
       feats, ext_new = extractor.apply(ext_vars, images, train=True, mutable=["batch_stats"], rngs=rngs)
-      ctx, ctx_new = context_encoder.apply(ctx_vars, feats[:t * s], train=True, mutable=["batch_stats"])
+    else:
+      feats = extractor.apply(ext_vars, images, train=False)
+    support, query = split(feats)
+    support_flat = support.reshape((t * s,) + support.shape[2:])
+    if train:
+      ctx, ctx_new = context_encoder.apply(ctx_vars, support_flat, train=True, mutable=["batch_stats"])
       new_state = {"batch_stats": {"extractor": ext_new["batch_stats"],
                                    "context_encoder": ctx_new["batch_stats"]}}
     else:
-      feats = extractor.apply(ext_vars, images, train=False)
-      ctx = context_encoder.apply(ctx_vars, feats[:t * s], train=False)
+      ctx = context_encoder.apply(ctx_vars, support_flat, train=False)
       new_state = state
-    fshape = feats.shape[1:]
-    support = feats[:t * s].reshape((t, s) + fshape)
-    query = feats[t * s:].reshape((t, q) + fshape)
     context = ctx.reshape(t, s, -1).mean(1)  # [T, 2Z]
     return support, query, context, new_state
 

@@ -20,7 +20,7 @@ from fewshot_jax.models import layers
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _glorot = nn.initializers.xavier_uniform()
-TASK_CONVS = ("vmap", "grouped")
+TASK_CONVS = ("im2col", "vmap", "grouped")
 
 
 class Extractor(nn.Module):
@@ -126,8 +126,19 @@ def task_conv(x, w, impl: str = "vmap", conv_general_dilated=None):
 
   'vmap': jax.vmap over tasks of a plain convolution (`conv_general_dilated`,
   e.g. layers.matmul_wgrad_conv, or lax). 'grouped': the tasks stacked on the
-  channel axis and one convolution with feature_group_count=T.
+  channel axis and one convolution with feature_group_count=T. 'im2col': the
+  kh * kw shifted inputs side by side on the channel axis, one task-batched matmul:
+  the task axis is a plain batch axis of every operation, so XLA keeps it
+  sharded over devices, where it all-gathers the activations of a feature-
+  grouped convolution (what 'vmap' and 'grouped' become).
   """
+  if impl == "im2col":
+    _, kh, kw, _, _ = w.shape
+    h, wd = x.shape[2:4]
+    top, left = (kh - 1) // 2, (kw - 1) // 2  # SAME at stride 1
+    xp = jnp.pad(x, ((0, 0), (0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
+    patches = jnp.concatenate([xp[:, :, i:i + h, j:j + wd] for i in range(kh) for j in range(kw)], -1)
+    return jnp.einsum("tbhwk,tkn->tbhwn", patches, w.reshape(w.shape[0], -1, w.shape[-1]))
   if impl == "vmap":
     conv = conv_general_dilated or lax.conv_general_dilated
     one = lambda xt, wt: conv(xt, wt, (1, 1), "SAME", dimension_numbers=_NHWC)

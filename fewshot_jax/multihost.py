@@ -1,0 +1,128 @@
+"""Several processes (a pod, a multi-GPU host, N processes on one machine): start-up and agreement.
+
+One process per host (TPU) or per GPU joins a JAX cluster; every process runs
+the same program on its own devices of one global mesh. What must happen once
+(files, figures, TensorBoard, INFO log lines) happens on process 0; what all
+must agree on (stopping, replica parameters) is decided by a small collective.
+"""
+
+import contextlib
+import fcntl
+import os
+import tempfile
+
+from absl import logging
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from fewshot_jax.errors import ConfigError
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, local_device_ids: list[int] | None = None) -> None:
+  """jax.distributed.initialize with the cluster detected (Slurm, Open MPI, Cloud TPU, k8s) or given.
+
+  Explicit values win over detected ones; give coordinator, process count and
+  process id together outside a cluster JAX detects.
+  """
+  given = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+  if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
+    missing = [f"--{k}" for k, v in given.items() if v is None]
+    raise ConfigError(f"--coordinator_address, --num_processes and --process_id go together; missing "
+                      f"{', '.join(missing)} (or give none, inside a cluster JAX detects)")
+  if num_processes is not None and not 0 <= process_id < num_processes:
+    raise ConfigError(f"--process_id={process_id} must lie in [0, --num_processes={num_processes})")
+  try:
+    jax.distributed.initialize(**given, local_device_ids=local_device_ids or None)
+  except (ValueError, RuntimeError) as e:
+    text = " ".join(str(e).split())
+    raise ConfigError(f"--distributed could not join the cluster: {text[:300]}; outside Slurm, Open MPI, "
+                      "Kubernetes or Cloud TPU pass --coordinator_address=HOST:PORT --num_processes=N "
+                      "--process_id=I") from None
+
+
+def is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """All processes wait here (no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is true on any (one tiny all-gather with several processes)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def max_over_processes(value: int) -> int:
+  if jax.process_count() == 1:
+    return int(value)
+  return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
+def fingerprint(tree) -> np.ndarray:
+  """Two float64 sums over every leaf (plain and index-weighted): equal trees give equal prints."""
+  leaves = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)]
+  flat = np.concatenate(leaves) if leaves else np.zeros(1)
+  return np.array([flat.sum(), (flat * (1 + np.arange(flat.size) % 9973)).sum()])
+
+
+def check_replicas_agree(tree, what: str) -> np.ndarray:
+  """Raises on every process if the processes' copies of a replicated `tree` differ."""
+  print_ = fingerprint(tree)
+  if jax.process_count() > 1:
+    multihost_utils.assert_equal(print_, f"{what} differ between processes")
+  return print_
+
+
+class _ProcessPrefix:
+  """Prefixes log lines of processes other than 0 with their index."""
+
+  def __init__(self, index: int):
+    self._index = index
+
+  def filter(self, record) -> bool:
+    record.msg = f"[process {self._index}] {record.msg}"
+    return True
+
+
+def setup_logging() -> None:
+  """Process 0 logs INFO; the others only warnings and errors, prefixed '[process i]'."""
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+    logging.get_absl_handler().addFilter(_ProcessPrefix(jax.process_index()))
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a uniquely named temporary file and a rename.
+
+  A crash never leaves half a file, and concurrent writers never share a
+  temporary name.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str):
+  """An exclusive lock on `path` (created if missing) across processes of this host or a shared disk."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

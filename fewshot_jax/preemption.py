@@ -1,0 +1,58 @@
+"""SIGTERM (preemption, the end of a pod slot) and Ctrl-C: checkpoint at a step boundary, then stop.
+
+A signal only sets a flag; the trainer asks `agreed()` after every host call,
+so all processes stop after the same step, even when the signal reached only
+some of them, and all take part in the last checkpoint. A second Ctrl-C stops
+at once. The trainer then raises `Stopped`, which launch.py turns into exit
+code 128 + signal (143 for SIGTERM, 130 for SIGINT), as a shell reports a
+process killed by that signal, so schedulers treat the job as preempted.
+"""
+
+import signal
+import threading
+
+from absl import logging
+
+from fewshot_jax import multihost
+
+_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+
+
+class Stopped(Exception):
+  """The run stopped on a signal after checkpointing `step`."""
+
+  def __init__(self, signum: int, step: int, directory: str):
+    self.signum, self.step = signum, step
+    self.exit_code = 128 + signum
+    super().__init__(f"stopped by {_NAMES.get(signum, signum)} after step {step}; the checkpoint is in "
+                     f"{directory}; run the same command again to resume")
+
+
+class StopRequests:
+  """Context manager: SIGTERM / SIGINT handlers that record a stop request (main thread only)."""
+
+  def __init__(self):
+    self._signum = 0
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in _NAMES}
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and self._signum == signal.SIGINT:
+      raise KeyboardInterrupt  # the second Ctrl-C: stop now
+    self._signum = signum
+    logging.warning("%s received: checkpointing at the next step boundary, then stopping%s", _NAMES[signum],
+                    " (Ctrl-C again stops at once)" if signum == signal.SIGINT else "")
+
+  def agreed(self) -> int:
+    """The signal to stop on (0: none): the same answer on every process."""
+    return multihost.max_over_processes(self._signum)
