@@ -63,8 +63,14 @@ flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval", "convert
                   "state_dict in the authors' format.")
 flags.DEFINE_string("torch_checkpoint", None, "PyTorch file read by --mode=convert (softRandom.t7, "
                     "metaNet_*.t7) or written by --mode=export.")
-flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() first "
-                  "(coordinator and process ids from the cluster environment).")
+flags.DEFINE_bool("distributed", False, "Several processes (a pod, multi-GPU, N processes on one machine): "
+                  "join a JAX cluster first. Slurm, Open MPI, Kubernetes and Cloud TPU are detected; "
+                  "elsewhere give --coordinator_address, --num_processes and --process_id.")
+flags.DEFINE_string("coordinator_address", None, "With --distributed: HOST:PORT of process 0's coordinator.")
+flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes take part.")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0 .. num_processes - 1.")
+flags.DEFINE_list("local_device_ids", None, "With --distributed: the local devices this process uses "
+                  "(e.g. 0 for one GPU per process); default all visible.")
 FLAGS = flags.FLAGS
 
 
@@ -91,11 +97,23 @@ def main(argv):
   from fewshot_jax import evaluate  # pylint: disable=g-import-not-at-top
   from fewshot_jax import train  # pylint: disable=g-import-not-at-top
   from fewshot_jax.errors import FewshotError  # pylint: disable=g-import-not-at-top
-  if FLAGS.distributed:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+  from fewshot_jax import multihost  # pylint: disable=g-import-not-at-top
+  from fewshot_jax import preemption  # pylint: disable=g-import-not-at-top
+  cluster = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.local_device_ids)
+  if not FLAGS.distributed and any(v is not None for v in cluster):
+    _fail("--coordinator_address, --num_processes, --process_id and --local_device_ids need --distributed")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if FLAGS.distributed:
+    try:
+      ids = [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None
+    except ValueError:
+      _fail(f"--local_device_ids={','.join(FLAGS.local_device_ids)} must be device numbers, e.g. 0 or 0,1")
+    try:
+      multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, ids)
+    except FewshotError as e:
+      _fail(str(e))
+    multihost.setup_logging()
   try:
     config = FLAGS.config
     config.method  # pylint: disable=pointless-statement; a missing config file is reported here
@@ -120,10 +138,17 @@ def main(argv):
       train.train_and_evaluate(config, FLAGS.workdir)
     if FLAGS.mode in ("eval", "train_eval"):
       result = evaluate.evaluate_checkpoint(config, FLAGS.workdir)
-      print(json.dumps(result))
+      if multihost.is_main():
+        print(json.dumps(result))
   except FewshotError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except preemption.Stopped as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint
+    print("interrupted: stopped at once without a checkpoint; the latest one remains", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ class Checkpoints:
       raise CheckpointError(f"checkpoints in {workdir} are unreadable: {_short(e)}") from None
 
   def save(self, manager, state, meta, metrics=None):
+    """Starts an asynchronous save once the previous save of either manager is committed: with
+    several processes, two managers finalising at once collide on orbax's barrier names."""
+    self.wait()
     step = int(state.step)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     manager.save(step, args=args, metrics=metrics)

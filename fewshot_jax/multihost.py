@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import zlib
 
 from absl import logging
 import jax
@@ -33,8 +34,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                       f"{', '.join(missing)} (or give none, inside a cluster JAX detects)")
   if num_processes is not None and not 0 <= process_id < num_processes:
     raise ConfigError(f"--process_id={process_id} must lie in [0, --num_processes={num_processes})")
+  host = (coordinator_address or "").rsplit(":", 1)[0].strip("[]")
+  # A loopback coordinator (N processes on one machine) listens on loopback only, not on every interface.
+  bind = coordinator_address if host in ("localhost", "::1") or host.startswith("127.") else None
   try:
-    jax.distributed.initialize(**given, local_device_ids=local_device_ids or None)
+    jax.distributed.initialize(**given, local_device_ids=local_device_ids or None,
+                               coordinator_bind_address=bind)
   except (ValueError, RuntimeError) as e:
     text = " ".join(str(e).split())
     raise ConfigError(f"--distributed could not join the cluster: {text[:300]}; outside Slurm, Open MPI, "
@@ -65,19 +70,20 @@ def max_over_processes(value: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
 
 
-def fingerprint(tree) -> np.ndarray:
-  """Two float64 sums over every leaf (plain and index-weighted): equal trees give equal prints."""
-  leaves = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)]
-  flat = np.concatenate(leaves) if leaves else np.zeros(1)
-  return np.array([flat.sum(), (flat * (1 + np.arange(flat.size) % 9973)).sum()])
+def fingerprint(tree) -> int:
+  """CRC-32 of every leaf's bytes: equal only for bit-identical trees."""
+  crc = 0
+  for leaf in jax.tree.leaves(tree):
+    crc = zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).tobytes(), crc)
+  return crc
 
 
-def check_replicas_agree(tree, what: str) -> np.ndarray:
-  """Raises on every process if the processes' copies of a replicated `tree` differ."""
-  print_ = fingerprint(tree)
-  if jax.process_count() > 1:
-    multihost_utils.assert_equal(print_, f"{what} differ between processes")
-  return print_
+def check_replicas_agree(tree, what: str) -> int:
+  """Raises on every process if the processes' copies of a replicated `tree` are not bit-identical."""
+  crc = fingerprint(tree)
+  if jax.process_count() > 1:  # 16-bit halves: the all-gather carries int32
+    multihost_utils.assert_equal(np.array([crc >> 16, crc & 0xFFFF], np.int32), f"{what} differ between processes")
+  return crc
 
 
 class _ProcessPrefix:

@@ -1,0 +1,162 @@
+"""Pods on one machine: several launch.py processes on 127.0.0.1 (gloo collectives), and the
+compiled step's cross-device traffic on 8 simulated devices."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from fewshot_jax import checkpoint
+from fewshot_jax import evaluate
+from fewshot_jax import sharding
+from tests.conftest import REPO, load_config
+
+# Small and quick: 5-way training on the synthetic preset, checkpoints every 4 steps, 2 steps per
+# host call; SGD at a small lr, as the 1-vs-8-device test: gloo and in-process collectives sum in
+# different orders, and larger steps amplify that rounding (measured, 2 x 2 vs 1 x 4 devices: 2e-7
+# relative after 1 step at lr 0.01, 2e-3 after 40; 3.8e-6 after 40 at lr 1e-3).
+_OVERRIDES = {"episode.train_ways": 5, "episode.queries": 2, "train.steps": 40, "train.eval_every": 20,
+              "train.checkpoint_every": 4, "train.log_every": 4, "train.steps_per_call": 2,
+              "train.optimizer": "sgd", "train.lr": 1e-3, "eval.val_episodes": 16, "eval.episodes": 48}
+_TIMEOUT = 240
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(workdir, data_dir, logs, processes: int, devices: int, tag: str) -> list[subprocess.Popen]:
+  """`processes` launch.py processes of `devices` CPU devices each; stdout/stderr to files in logs."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             PYTHONUNBUFFERED="1")
+  args = [sys.executable, str(REPO / "launch.py"), "--config=" + str(REPO / "configs" / "protonet.py") + ":synthetic",
+          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--mode=train_eval"]
+  args += [f"--config.{k}={v}" for k, v in _OVERRIDES.items()]
+  port = _free_port()
+  procs = []
+  for i in range(processes):
+    cluster = ["--distributed", f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+               f"--process_id={i}"] if processes > 1 else []
+    out = open(logs / f"{tag}{i}.out", "w")
+    err = open(logs / f"{tag}{i}.err", "w")
+    procs.append(subprocess.Popen(args + cluster, env=env, stdout=out, stderr=err, cwd=str(REPO)))
+  return procs
+
+
+def _wait(procs, timeout=_TIMEOUT) -> list[int]:
+  deadline = time.time() + timeout
+  try:
+    return [p.wait(timeout=max(1, deadline - time.time())) for p in procs]
+  finally:
+    for p in procs:  # cleanup by PID, whatever happened
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def _read(path) -> str:
+  with open(path) as f:
+    return f.read()
+
+
+def _config(data_dir):
+  c = load_config("protonet", "synthetic")
+  c.data.data_dir = data_dir
+  for key, value in _OVERRIDES.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return c
+
+
+def _latest_params(config, workdir):
+  _, state = checkpoint.load_for_eval(config, str(workdir), sharding.make_mesh(), "latest")
+  return int(state.step), [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def test_two_processes_train_preempt_resume_and_evaluate(tmp_path):
+  """2 processes x 2 devices: train with validation and checkpoints, SIGTERM to one process stops both
+  at the same step with a checkpoint, the same command resumes and evaluates; the result matches
+  1 process x 4 devices, and files and data preparation happen once."""
+  data_dir, logs, pod = str(tmp_path / "tfds"), tmp_path, tmp_path / "pod"
+  procs = _start(pod, data_dir, logs, processes=2, devices=2, tag="first")
+  try:  # preempt process 1 only, once the step-4 checkpoint is written
+    deadline = time.time() + _TIMEOUT
+    while "step 4: parameters bit-identical" not in _read(logs / "first0.err"):
+      assert time.time() < deadline and all(p.poll() is None for p in procs), _read(logs / "first0.err")[-3000:]
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+  finally:
+    codes = _wait(procs)
+  errs = [_read(logs / f"first{i}.err") for i in range(2)]
+  assert codes == [143, 143], errs
+  stop_lines = [l for e in errs for l in e.splitlines() if l.startswith("stopped by SIGTERM after step")]
+  assert len(stop_lines) == 2 and stop_lines[0] == stop_lines[1], stop_lines  # the same step on both
+  stopped_at = int(stop_lines[0].split("after step ")[1].split(";")[0])
+  assert 4 <= stopped_at < 40
+  assert "SIGTERM received" in errs[1] and "[process 1]" in errs[1]
+  config = _config(data_dir)
+  assert _latest_params(config, pod)[0] == stopped_at  # checkpointed at the stop, not only at a cadence step
+  assert not (pod / "eval_test.json").exists()
+
+  codes = _wait(_start(pod, data_dir, logs, processes=2, devices=2, tag="second"))
+  errs += [_read(logs / f"second{i}.err") for i in range(2)]
+  assert codes == [0, 0], errs[2:]
+  assert f"Resumed from {pod / 'checkpoints'} at step {stopped_at}" in errs[2]
+  # Every checkpoint checked the two processes' parameters bit for bit (multihost.check_replicas_agree).
+  assert "step 40: parameters bit-identical on all 2 processes" in errs[2]
+  # Process 0 alone writes results and INFO lines; process 1 only warnings, prefixed.
+  outs = [_read(logs / f"second{i}.out") for i in range(2)]
+  assert '"accuracy"' in outs[0] and '"accuracy"' not in outs[1]
+  assert "validation accuracy" in errs[2] and "validation accuracy" not in errs[3]
+  assert sorted(os.listdir(pod)) == ["best", "checkpoints", "config.json", "eval_test.json", "tb"]
+  # The data was prepared once, by process 0, though both processes started on an empty data_dir.
+  prepared = [l for e in errs for l in e.splitlines() if "Prepared fewshot_synthetic" in l]
+  assert len(prepared) == 1 and "[process" not in prepared[0], prepared
+
+  # The same config in one process of 4 devices, uninterrupted.
+  single = tmp_path / "single"
+  assert _wait(_start(single, data_dir, logs, processes=1, devices=4, tag="single")) == [0]
+  step_pod, pod_params = _latest_params(config, pod)
+  step_one, one_params = _latest_params(config, single)
+  assert step_pod == step_one == 40
+  a, b = np.concatenate([x.ravel() for x in pod_params]), np.concatenate([x.ravel() for x in one_params])
+  assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b), np.linalg.norm(a - b) / np.linalg.norm(b)
+
+  # eval_test.json of the 2-process run equals a 1-process evaluation of the same checkpoint.
+  written = json.loads(_read(pod / "eval_test.json"))
+  result = evaluate.evaluate_checkpoint(config, str(pod))
+  assert written == {"standard": json.loads(json.dumps(result))}
+
+
+def test_compiled_steps_move_no_images_but_the_episode(tmp_path):
+  """Every method's train step on 8 simulated devices: with replicated data only gradient and
+  BatchNorm all-reduces cross devices; with sharded data, also at most the episode's uint8 images
+  (a reduce-scatter) and the sampled indices."""
+  out = tmp_path / "collectives.json"
+  cases = ["protonet:synthetic", "matchingnet:synthetic", "lgmnet:synthetic",
+           "idemenet:mini-5w1s:data.input_size=32", "idemenet:pretrain:data.input_size=32;method.batch_size=16"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, str(REPO / "benchmarks" / "collectives.py"), f"--cases={','.join(cases)}",
+                  "--per_class=20", f"--json={out}"], env=env, check=True, capture_output=True, timeout=600)
+  rows = json.loads(_read(out))
+  assert {(r["case"], r["placement"]) for r in rows} == {(c, p) for c in cases for p in ("replicated", "sharded")}
+  for r in rows:
+    kinds = r["collectives"]
+    assert r["devices"] == 8 and r["tasks"] % 8 == 0
+    # Gradients (at most the parameters) plus BatchNorm statistics: a small multiple of their size.
+    assert kinds["all-reduce"]["bytes"] <= r["param_bytes"] + 4 * r["batch_stats_bytes"] + 4096, r
+    assert "collective-permute" not in kinds and "all-to-all" not in kinds, r
+    if r["placement"] == "replicated":
+      assert set(kinds) == {"all-reduce"}, r
+    else:
+      drawn = 2 if "pretrain" in r["case"] else 1  # pretraining also draws a partner per image
+      assert kinds["reduce-scatter"]["bytes"] * r["devices"] <= drawn * r["episode_image_bytes"], r
+      assert kinds.get("all-gather", {"bytes": 0})["bytes"] <= 4 * r["tasks"] * 64, r  # indices at most
