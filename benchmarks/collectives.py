@@ -17,6 +17,7 @@ device count as the trainer does.
 import json
 import os
 import platform
+import re
 import sys
 import time
 
@@ -41,6 +42,30 @@ from fewshot_jax import train
 from fewshot_jax.data import episodes
 from fewshot_jax.data import input_pipeline
 
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+_COLLECTIVE = re.compile(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+
+
+def collectives(hlo_text: str) -> list[tuple[str, int, str]]:
+  """(kind, bytes, result shape) of every collective in a compiled module's HLO text.
+
+  Bytes are the size of the collective's result (for an all-gather the
+  gathered tensor, for an all-reduce the reduced buffers), per device.
+  """
+  found = []
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if m:
+      shapes = _SHAPE.findall(m.group(1))
+      size = sum(_BYTES.get(dt, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                 for dt, dims in shapes)
+      found.append((m.group(2), size, " ".join(f"{dt}[{dims}]" for dt, dims in shapes)))
+  return found
+
+
 _DEFAULT = ["protonet:mini-5w5s", "lgmnet:mini-5w1s", "idemenet:mini-5w1s:data.input_size=224"]
 flags.DEFINE_list("cases", _DEFAULT, "method:preset[:key=value;key=value], comma separated.")
 flags.DEFINE_list("placements", ["replicated", "sharded"], "data.placement values to compile.")
@@ -60,8 +85,11 @@ def case_config(case: str, placement: str, devices: int):
     for p in path:
       node = node[p]
     node[last] = type(node[last])(value) if not isinstance(node[last], bool) else value == "True"
-  c.data.placement = placement
   c.train.loop = "scan"
+  if not hasattr(config_lib, "fit_to_devices"):  # the tree before the pods work (b09d4d6), for "before" figures
+    c.episode.tasks = -(-c.episode.tasks // devices) * devices
+    return c
+  c.data.placement = placement
   return config_lib.fit_to_devices(c, devices)
 
 
@@ -69,14 +97,15 @@ def abstract_dataset(config, mesh, classes: int, per_class: int):
   """Shapes (with shardings) of a training split of `classes` x `per_class` images, as load_split places it."""
   size = config.data.image_size
   channels = input_pipeline.input_shape(config)[-1]
-  shard = config.data.placement == "sharded"
+  shard = config.data.get("placement") == "sharded"
   rows = -(-classes * per_class // mesh.size) * mesh.size if shard else classes * per_class
   rep = sharding.replicated(mesh)
   s = lambda shape, dtype, sh=rep: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+  placed = dict(mesh=mesh, sharded=shard) if "sharded" in episodes.DeviceDataset.__dataclass_fields__ else {}
   return episodes.DeviceDataset(
       images=s((rows, size, size, channels), jnp.uint8, sharding.task_sharded(mesh) if shard else rep),
       class_index=s((classes, per_class), jnp.int32), class_counts=s((classes,), jnp.int32),
-      class_ids=s((classes,), jnp.int32), mesh=mesh, sharded=shard)
+      class_ids=s((classes,), jnp.int32), **placed)
 
 
 def measure(case: str, placement: str) -> dict:
@@ -89,11 +118,14 @@ def measure(case: str, placement: str) -> dict:
   state = jax.eval_shape(lambda k: state_lib.init_state(method, tx, k, example), jax.random.key(0))
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
   dataset = abstract_dataset(c, mesh, FLAGS.classes, FLAGS.per_class)
-  step = jax.jit(train.make_step(method, tx, c, mesh), out_shardings=rep)
   start = time.time()
-  compiled = step.lower(state, dataset, jax.random.key(0)).compile()
+  if hasattr(train, "make_step"):
+    step = jax.jit(train.make_step(method, tx, c, mesh), out_shardings=rep)
+    compiled = step.lower(state, dataset, jax.random.key(0)).compile()
+  else:  # the tree before the pods work (b09d4d6): one step under lax.scan
+    compiled = train.make_train_fn(method, tx, c, mesh).lower(state, dataset, jax.random.key(0), 1).compile()
   seconds = time.time() - start
-  found = sharding.collectives(compiled.as_text())
+  found = collectives(compiled.as_text())
   by_kind = {}
   for kind, size, shape in found:
     entry = by_kind.setdefault(kind, {"ops": 0, "bytes": 0, "largest": ""})
@@ -121,7 +153,7 @@ def main(argv):
   print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     cells = [f"{r['collectives'][k]['ops']} ops, {r['collectives'][k]['bytes'] / 1e6:.3f} MB"
-             if k in r["collectives"] else "-" for k in sharding.COLLECTIVES]
+             if k in r["collectives"] else "-" for k in COLLECTIVES]
     print(f"| {r['case']} | {r['placement']} | {r['tasks']} | {' | '.join(cells)} | "
           f"{r['param_bytes'] / 1e6:.3f} MB | {r['episode_image_bytes'] / 1e6:.3f} MB |")
   for r in rows:

@@ -42,6 +42,7 @@ flags.DEFINE_integer("calls", 3, "Timed calls after one warm-up call.")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir for prepared data (default: config's).")
 flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "matmul_wgrad"], "model.conv_impl of every case.")
 flags.DEFINE_enum("loop", "auto", ["auto", "scan", "python"], "train.loop of every case.")
+flags.DEFINE_list("set", [], "Config overrides of every case, KEY=VALUE (e.g. method.task_conv=vmap).")
 FLAGS = flags.FLAGS
 
 
@@ -58,6 +59,10 @@ def time_case(case: str, datasets: dict) -> dict:
   c.episode.update(ways=ways, shots=shots, queries=queries, tasks=tasks, train_ways=0)
   c.model.conv_impl = FLAGS.conv_impl
   c.train.loop = FLAGS.loop
+  for item in FLAGS.set:
+    key, value = item.split("=", 1)
+    section, name = key.split(".")
+    c[section][name] = type(c[section][name])(value)
   mesh = sharding.make_mesh()
   key = (c.data.name, c.data.split)
   if key not in datasets:
@@ -85,7 +90,8 @@ def main(argv):
   device = jax.devices()[0]
   print(f"backend={jax.default_backend()} devices={len(jax.devices())} device={device.device_kind} "
         f"cpus={os.cpu_count()} jax={jax.__version__} machine={platform.machine()} "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} conv_impl={FLAGS.conv_impl} loop={FLAGS.loop}")
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} conv_impl={FLAGS.conv_impl} loop={FLAGS.loop} "
+        f"set={FLAGS.set}")
   rows, datasets = [], {}
   for case in FLAGS.cases:
     rows.append(time_case(case, datasets))

@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from fewshot_jax import methods
-from fewshot_jax import multihost
+from fewshot_jax import files
 from fewshot_jax import sharding
 from fewshot_jax import state as state_lib
 from fewshot_jax.errors import CheckpointError
@@ -173,4 +173,4 @@ def load_for_eval(config, workdir, mesh, which: str):
 
 def write_json(path: str, payload) -> None:
   """Writes JSON atomically (unique temp file + rename), so a crash never leaves half a file."""
-  multihost.write_atomic(path, json.dumps(payload, indent=2))
+  files.write_atomic(path, json.dumps(payload, indent=2))

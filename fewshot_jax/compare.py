@@ -46,6 +46,7 @@ from fewshot_jax import checkpoint
 from fewshot_jax import config as config_lib
 from fewshot_jax import convert
 from fewshot_jax import evaluate
+from fewshot_jax import files
 from fewshot_jax import methods
 from fewshot_jax import sharding
 from fewshot_jax.data import augment as augment_lib
@@ -436,9 +437,8 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str, path: str
   torch = _torch()
   _, state = checkpoint.load_for_eval(config, workdir, sharding.make_mesh(), config.eval.checkpoint)
   state_dict = torch_model(name, config, state.params, state.model_state).state_dict()
-  tmp = path + ".tmp"
-  torch.save(state_dict, tmp)
-  os.replace(tmp, path)
+  with files.atomic_path(path) as tmp:
+    torch.save(state_dict, tmp)
   return {"exported": path, "workdir": workdir, "method": name, "step": int(state.step),
           "checkpoint": config.eval.checkpoint, "keys": len(state_dict)}
 

@@ -247,6 +247,7 @@ def convert_to_workdir(config, torch_checkpoint: str, workdir: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from fewshot_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fewshot_jax import files  # pylint: disable=g-import-not-at-top
   from fewshot_jax import methods  # pylint: disable=g-import-not-at-top
   from fewshot_jax import sharding  # pylint: disable=g-import-not-at-top
   from fewshot_jax import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -289,7 +290,6 @@ def convert_to_workdir(config, torch_checkpoint: str, workdir: str) -> dict:
   ckpt.save(ckpt.best, state, meta, metrics={"val_accuracy": 0.0})
   ckpt.wait()
   ckpt.close()
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  files.write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   return {"converted": torch_checkpoint, "workdir": workdir, "method": name,
           "parameters": int(sum(x.size for x in jax.tree.leaves(params)))}

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from fewshot_jax import files
 from fewshot_jax.models.deformation import patch_borders
 
 COLUMNS = ("probe", "gallery", "weights", "deformed")
@@ -114,7 +115,7 @@ def deformation_grid(path, probe, gallery, weights, deformed, *, mean, std, grid
   probe, gallery, deformed: [R, H, W, 3] normalised images ((x - mean) / std,
   mean and std per channel in 0..255 units). weights: [R, grid*grid] raw patch
   weights in row-major patch order. Only the first max_rows rows are drawn.
-  The write is atomic (path + '.tmp', then os.replace) so a reader polling the
+  The write is atomic (a unique temporary file, then a rename) so a reader polling the
   file during training never sees a half-written PNG. Returns path.
   """
   probe, gallery, deformed = (np.asarray(a) for a in (probe, gallery, deformed))
@@ -165,11 +166,6 @@ def deformation_grid(path, probe, gallery, weights, deformed, *, mean, std, grid
 
   path = os.fspath(path)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  try:
+  with files.atomic_path(path) as tmp:
     fig.save(tmp, format="PNG")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return path

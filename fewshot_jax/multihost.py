@@ -6,10 +6,6 @@ the same program on its own devices of one global mesh. What must happen once
 must agree on (stopping, replica parameters) is decided by a small collective.
 """
 
-import contextlib
-import fcntl
-import os
-import tempfile
 import zlib
 
 from absl import logging
@@ -102,33 +98,3 @@ def setup_logging() -> None:
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().addFilter(_ProcessPrefix(jax.process_index()))
-
-
-def write_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` through a uniquely named temporary file and a rename.
-
-  A crash never leaves half a file, and concurrent writers never share a
-  temporary name.
-  """
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
-
-
-@contextlib.contextmanager
-def file_lock(path: str):
-  """An exclusive lock on `path` (created if missing) across processes of this host or a shared disk."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)

@@ -32,6 +32,7 @@ import optax
 from fewshot_jax import checkpoint
 from fewshot_jax import config as config_lib
 from fewshot_jax import evaluate
+from fewshot_jax import files
 from fewshot_jax import methods
 from fewshot_jax import multihost
 from fewshot_jax import preemption
@@ -186,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = jax.device_put(state.replace(params=params, model_state=variables, opt_state=tx.init(params)),
                            replicated)
   if multihost.is_main():
-    multihost.write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    files.write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   train_fn = make_train_fn(method, tx, config, mesh)
   schedule = state_lib.learning_rate_schedule(config.train)

@@ -75,10 +75,23 @@ def test_unknown_preset_names_it_and_the_valid_ones(tmp_path):
     ("--config.episode.shots=0", ("episode.shots=0", "positive")),
     ("--config.train.lr=-1", ("train.lr=-1", "> 0")),
     ("--config.train.loop=while", ("train.loop='while'", "'scan'", "'python'")),
+    ("--config.data.placement=spread", ("data.placement='spread'", "'replicated'", "'sharded'")),
+    ("--config.train.checkpoint_every=0", ("train.checkpoint_every=0", "positive")),
 ])
 def test_bad_config_value(flag, needles, tmp_path, tfds_dir):
   user_error(launch(flag, "--mode=train", f"--workdir={tmp_path}", tfds_dir=tfds_dir), *needles)
   assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (("--num_processes=2",), ("--num_processes", "need --distributed")),
+    (("--distributed", "--num_processes=2"), ("--coordinator_address", "--process_id", "missing")),
+    (("--distributed", "--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"),
+     ("--process_id=2", "[0, --num_processes=2)")),
+    (("--distributed", "--local_device_ids=gpu0"), ("--local_device_ids=gpu0", "device numbers")),
+])
+def test_bad_cluster_flags(flags, needles, tmp_path, tfds_dir):
+  user_error(launch(*flags, "--mode=train", f"--workdir={tmp_path}", tfds_dir=tfds_dir, timeout=120), *needles)
 
 
 @pytest.mark.parametrize("flag, needles", [

@@ -1,5 +1,6 @@
 """deformation_grid writes a readable PNG whose cells show the real inputs."""
 
+import glob
 import os
 
 import numpy as np
@@ -33,7 +34,7 @@ def _grid(tmp_path, probe, gallery, weights, deformed, **kwargs):
 def test_png_size_and_probe_pixels(tmp_path, title):
   probe, gallery, weights, deformed, raw_probe = _inputs()
   path = _grid(tmp_path, probe, gallery, weights, deformed, title=title)
-  assert os.path.exists(path) and not os.path.exists(path + ".tmp")
+  assert os.path.exists(path) and not glob.glob(os.path.join(os.path.dirname(path), ".*.tmp"))
   with Image.open(path) as img:
     assert img.format == "PNG"
     fig = np.asarray(img.convert("RGB"))

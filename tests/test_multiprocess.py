@@ -33,12 +33,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir, data_dir, logs, processes: int, devices: int, tag: str) -> list[subprocess.Popen]:
+def _start(workdir, data_dir, logs, processes: int, devices: int, tag: str,
+           placement: str = "replicated") -> list[subprocess.Popen]:
   """`processes` launch.py processes of `devices` CPU devices each; stdout/stderr to files in logs."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
              PYTHONUNBUFFERED="1")
   args = [sys.executable, str(REPO / "launch.py"), "--config=" + str(REPO / "configs" / "protonet.py") + ":synthetic",
-          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--mode=train_eval"]
+          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--mode=train_eval",
+          f"--config.data.placement={placement}"]
   args += [f"--config.{k}={v}" for k, v in _OVERRIDES.items()]
   port = _free_port()
   procs = []
@@ -82,11 +84,12 @@ def _latest_params(config, workdir):
 
 
 def test_two_processes_train_preempt_resume_and_evaluate(tmp_path):
-  """2 processes x 2 devices: train with validation and checkpoints, SIGTERM to one process stops both
-  at the same step with a checkpoint, the same command resumes and evaluates; the result matches
-  1 process x 4 devices, and files and data preparation happen once."""
+  """2 processes x 2 devices, the images sharded over the 4 devices: train with validation and
+  checkpoints, SIGTERM to one process stops both at the same step with a checkpoint, the same command
+  resumes and evaluates; the result matches 1 process x 4 devices with the images replicated (the
+  same episodes from either placement), and files and data preparation happen once."""
   data_dir, logs, pod = str(tmp_path / "tfds"), tmp_path, tmp_path / "pod"
-  procs = _start(pod, data_dir, logs, processes=2, devices=2, tag="first")
+  procs = _start(pod, data_dir, logs, processes=2, devices=2, tag="first", placement="sharded")
   try:  # preempt process 1 only, once the step-4 checkpoint is written
     deadline = time.time() + _TIMEOUT
     while "step 4: parameters bit-identical" not in _read(logs / "first0.err"):
@@ -106,7 +109,7 @@ def test_two_processes_train_preempt_resume_and_evaluate(tmp_path):
   assert _latest_params(config, pod)[0] == stopped_at  # checkpointed at the stop, not only at a cadence step
   assert not (pod / "eval_test.json").exists()
 
-  codes = _wait(_start(pod, data_dir, logs, processes=2, devices=2, tag="second"))
+  codes = _wait(_start(pod, data_dir, logs, processes=2, devices=2, tag="second", placement="sharded"))
   errs += [_read(logs / f"second{i}.err") for i in range(2)]
   assert codes == [0, 0], errs[2:]
   assert f"Resumed from {pod / 'checkpoints'} at step {stopped_at}" in errs[2]
@@ -121,7 +124,7 @@ def test_two_processes_train_preempt_resume_and_evaluate(tmp_path):
   prepared = [l for e in errs for l in e.splitlines() if "Prepared fewshot_synthetic" in l]
   assert len(prepared) == 1 and "[process" not in prepared[0], prepared
 
-  # The same config in one process of 4 devices, uninterrupted.
+  # The same config in one process of 4 devices, uninterrupted, the images replicated.
   single = tmp_path / "single"
   assert _wait(_start(single, data_dir, logs, processes=1, devices=4, tag="single")) == [0]
   step_pod, pod_params = _latest_params(config, pod)
@@ -160,3 +163,46 @@ def test_compiled_steps_move_no_images_but_the_episode(tmp_path):
       drawn = 2 if "pretrain" in r["case"] else 1  # pretraining also draws a partner per image
       assert kinds["reduce-scatter"]["bytes"] * r["devices"] <= drawn * r["episode_image_bytes"], r
       assert kinds.get("all-gather", {"bytes": 0})["bytes"] <= 4 * r["tasks"] * 64, r  # indices at most
+
+
+_PLACEMENTS = r"""
+import json, sys, jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, {repo!r})
+from tests.conftest import load_config
+from fewshot_jax import sharding
+from fewshot_jax.data import augment, episodes, input_pipeline
+c = load_config("protonet", "synthetic")
+c.data.data_dir = {data_dir!r}
+mesh = sharding.make_mesh()
+builder = input_pipeline.builder_from_config(c)
+data = {{p: episodes.load_split(builder, "train", mesh, p) for p in ("replicated", "sharded")}}
+out = {{"devices": mesh.size, "rows": {{p: int(d.images.shape[0]) for p, d in data.items()}},
+        "per_device": {{p: int(d.images.addressable_shards[0].data.shape[0]) for p, d in data.items()}}}}
+aug = augment.from_config(c, 5)
+sample = jax.jit(lambda key, d: episodes.sample_episodes(key, d, tasks=6, ways=5, shots=2, queries=3, augment=aug))
+take = jax.jit(lambda d, i: episodes.take_images(d, i, scatter=False))
+idx = np.arange(0, 4000, 37)
+for p, d in data.items():
+  ep = jax.device_get(sample(jax.random.key(7), d))
+  out[p] = [np.asarray(x).tolist() for x in (ep.support, ep.query, ep.support_labels, ep.classes)]
+  out[p + "_take"] = np.asarray(take(d, idx)).tolist()
+out["host"] = [np.asarray(builder.as_data_source()["train"][int(i)]["image"]).tolist() for i in idx]
+print(json.dumps(out))
+"""
+
+
+def test_replicated_and_sharded_placements_give_the_same_episodes(make_config):
+  """3 devices (4000 images: the sharded array is padded to 4002 rows, 1334 per device): the
+  same key samples identical episodes from either placement, and gathers return the stored images."""
+  data_dir = make_config().data.data_dir
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3", JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, "-c", _PLACEMENTS.format(repo=str(REPO), data_dir=data_dir)], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  out = json.loads(run.stdout.strip().splitlines()[-1])
+  assert out["devices"] == 3
+  assert out["rows"] == {"replicated": 4000, "sharded": 4002}
+  assert out["per_device"] == {"replicated": 4000, "sharded": 1334}
+  assert out["replicated"] == out["sharded"]
+  assert len(set(map(str, out["replicated"][0]))) > 1  # tasks differ
+  assert out["replicated_take"] == out["sharded_take"] == out["host"]

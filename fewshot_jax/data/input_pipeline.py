@@ -6,6 +6,7 @@ import time
 from absl import logging
 import ml_collections
 
+from fewshot_jax import files
 from fewshot_jax import multihost
 from fewshot_jax.data import builders
 from fewshot_jax.data import episodes
@@ -35,7 +36,7 @@ def builder_from_config(config: ml_collections.ConfigDict):
 
 def _prepare_locked(make, d):
   lock = os.path.join(d.data_dir, f".prepare-{d.name}-{d.split}-{d.image_size}.lock")
-  with multihost.file_lock(lock):
+  with files.file_lock(lock):
     builder = make()  # made under the lock, so it sees what another process finished
     if builder.is_prepared():
       return builder
