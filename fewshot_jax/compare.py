@@ -389,6 +389,7 @@ def compare_checkpoint(config: ml_collections.ConfigDict, workdir: str, episodes
     raise ConfigError(f"the number of episodes to compare must be a positive integer, not {num!r}")
   _torch()
   mesh = sharding.make_mesh()
+  config = config_lib.fit_to_devices(config, mesh.size)
   method, state = checkpoint.load_for_eval(config, workdir, mesh, config.eval.checkpoint)
   split = config.eval.split
   # The Evaluator loads the split and checks that the episodes fit it; its sampling is mirrored

@@ -1,5 +1,6 @@
-"""Pods on one machine: several launch.py processes on 127.0.0.1 (gloo collectives), and the
-compiled step's cross-device traffic on 8 simulated devices."""
+"""Pods on one machine: several launch.py processes on 127.0.0.1 (gloo collectives), stopping on
+signals, data placements, task counts for any device count, and the compiled step's cross-device
+traffic on 8 simulated devices."""
 
 import json
 import os
@@ -15,6 +16,7 @@ import numpy as np
 from fewshot_jax import checkpoint
 from fewshot_jax import evaluate
 from fewshot_jax import sharding
+from fewshot_jax import config as config_lib
 from tests.conftest import REPO, load_config
 
 # Small and quick: 5-way training on the synthetic preset, checkpoints every 4 steps, 2 steps per
@@ -206,3 +208,50 @@ def test_replicated_and_sharded_placements_give_the_same_episodes(make_config):
   assert out["replicated"] == out["sharded"]
   assert len(set(map(str, out["replicated"][0]))) > 1  # tasks differ
   assert out["replicated_take"] == out["sharded_take"] == out["host"]
+
+
+def test_ctrl_c_checkpoints_then_resumes_bit_identically(tmp_path):
+  """One process: Ctrl-C (SIGINT) after the step-4 checkpoint stops at the next step boundary with a
+  checkpoint and exit 130; rerunning finishes with the parameters of an uninterrupted run, bit for bit."""
+  data_dir, logs = str(tmp_path / "tfds"), tmp_path
+  assert _wait(_start(tmp_path / "full", data_dir, logs, processes=1, devices=1, tag="full")) == [0]
+  procs = _start(tmp_path / "cut", data_dir, logs, processes=1, devices=1, tag="cut")
+  try:
+    deadline = time.time() + _TIMEOUT
+    while "step 4/40" not in _read(logs / "cut0.err"):
+      assert time.time() < deadline and procs[0].poll() is None, _read(logs / "cut0.err")[-3000:]
+      time.sleep(0.1)
+    procs[0].send_signal(signal.SIGINT)
+  finally:
+    codes = _wait(procs)
+  err = _read(logs / "cut0.err")
+  assert codes == [130], err[-3000:]
+  assert "SIGINT received: checkpointing at the next step boundary" in err and "Traceback" not in err
+  stopped_at = int(err.split("stopped by SIGINT after step ")[1].split(";")[0])
+  assert 4 <= stopped_at < 40
+  config = _config(data_dir)
+  assert _latest_params(config, tmp_path / "cut")[0] == stopped_at
+  assert _wait(_start(tmp_path / "cut", data_dir, logs, processes=1, devices=1, tag="resumed")) == [0]
+  (step_a, a), (step_b, b) = _latest_params(config, tmp_path / "full"), _latest_params(config, tmp_path / "cut")
+  assert step_a == step_b == 40
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_presets_run_on_any_device_count():
+  """episode.tasks / eval.tasks round up to multiples of 1, 2, 4, 8, 16 devices; LGM-Net's reference
+  meta-batch of 32 stays 32; every training batch then splits evenly over the devices."""
+  from fewshot_jax import methods, state as state_lib  # pylint: disable=g-import-not-at-top
+  for method, presets in (("protonet", ("omniglot-5w1s", "mini-5w5s", "synthetic")),
+                          ("lgmnet", ("omniglot-20w1s", "mini-5w1s")), ("idemenet", ("pretrain", "mini-5w1s"))):
+    for preset in presets:
+      base = load_config(method, preset)
+      for devices in (1, 2, 4, 8, 16):
+        c = config_lib.fit_to_devices(base, devices)
+        for section in ("episode", "eval"):
+          tasks, given = c[section].tasks, base[section].tasks
+          assert tasks % devices == 0 and given <= tasks < given + devices, (method, preset, devices, section)
+        example = state_lib.train_example(methods.build(c), c)
+        assert all(x.shape[0] % devices == 0 for x in jax.tree.leaves(example)), (method, preset, devices)
+      if (method, preset) == ("lgmnet", "mini-5w1s"):
+        assert config_lib.fit_to_devices(base, 16).episode.tasks == 32
