@@ -19,7 +19,7 @@ from fewshot_jax import methods
 from fewshot_jax import files
 from fewshot_jax import sharding
 from fewshot_jax import state as state_lib
-from fewshot_jax.errors import CheckpointError
+from fewshot_jax.errors import CheckpointError, UnreadableCheckpoint
 
 
 def checkpoint_meta(config) -> dict:
@@ -31,16 +31,19 @@ def checkpoint_meta(config) -> dict:
 class Checkpoints:
   """Orbax managers for the latest state (resume) and the best by validation accuracy."""
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(self, workdir: str, keep: int, cleanup: bool = False):
+    """cleanup: remove half-written (*.orbax-checkpoint-tmp) steps a killed writer left; only the
+    run that owns the workdir (the trainer, under its lock) may, never an evaluation beside it."""
     workdir = os.path.abspath(workdir)
     try:  # the managers read every step's metadata and metrics files
       self.latest = ocp.CheckpointManager(
           os.path.join(workdir, "checkpoints"),
-          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=cleanup))
       self.best = ocp.CheckpointManager(
           os.path.join(workdir, "best"),
           options=ocp.CheckpointManagerOptions(
-              max_to_keep=1, create=True, best_fn=lambda m: m["val_accuracy"], best_mode="max"))
+              max_to_keep=1, create=True, best_fn=lambda m: m["val_accuracy"], best_mode="max",
+              cleanup_tmp_directories=cleanup))
     except Exception as e:  # pylint: disable=broad-exception-caught
       raise CheckpointError(f"checkpoints in {workdir} are unreadable: {_short(e)}") from None
 
@@ -68,7 +71,7 @@ def restore(manager, abstract_state, config, step=None) -> state_lib.TrainState:
   try:
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # orbax raises many types for unreadable files
-    raise CheckpointError(f"checkpoint {where} is unreadable: {_short(e)}") from None
+    raise UnreadableCheckpoint(f"checkpoint {where} is unreadable: {_short(e)}") from None
   expected = checkpoint_meta(config)
   diff = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
   if diff:
@@ -81,7 +84,7 @@ def restore(manager, abstract_state, config, step=None) -> state_lib.TrainState:
     with _quiet_abandoned_reads():
       stored = _leaf_shapes(ocp.StandardCheckpointHandler().metadata(epath.Path(where) / "state"))
   except Exception as e:  # pylint: disable=broad-exception-caught
-    raise CheckpointError(f"checkpoint {where} is unreadable: {_short(e)}") from None
+    raise UnreadableCheckpoint(f"checkpoint {where} is unreadable: {_short(e)}") from None
   wanted = _leaf_shapes(abstract_state)
   problems = [f"{k} has shape {stored[k]} in the checkpoint but {wanted[k]} in the model"
               for k in wanted if k in stored and stored[k] != wanted[k]]
@@ -95,7 +98,7 @@ def restore(manager, abstract_state, config, step=None) -> state_lib.TrainState:
     with _quiet_abandoned_reads():
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   except Exception as e:  # pylint: disable=broad-exception-caught
-    raise CheckpointError(f"checkpoint {where} is unreadable: {_short(e)}") from None
+    raise UnreadableCheckpoint(f"checkpoint {where} is unreadable: {_short(e)}") from None
   return restored["state"]
 
 

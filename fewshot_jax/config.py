@@ -9,6 +9,8 @@ eval.split.
 """
 
 import importlib.util
+import json
+import math
 import os
 
 import ml_collections
@@ -55,8 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.episode = ml_collections.ConfigDict(dict(ways=5, shots=1, queries=5, tasks=1, train_ways=0))
   # train.checkpoint_every: the latest checkpoint's own cadence (it is also
   # written at every validation and when SIGTERM / SIGINT stop the run).
+  # train.nonfinite: 'stop' the run at a non-finite loss or gradient (keeping the
+  # last good checkpoint) or 'skip' such steps (no update). allow_config_change:
+  # resume a workdir with a changed config, recording the change (see RESUME_FREE).
   c.train = ml_collections.ConfigDict(dict(
       steps=2000, seed=0, eval_every=500, log_every=100, checkpoint_every=200, steps_per_call=50, loop="auto",
+      nonfinite="stop", allow_config_change=False,
       optimizer="adam", lr=1e-3, schedule="step", decay_every=2000, decay_factor=0.5, min_lr=0.0,
       warmup_steps=0, weight_decay=0.0, grad_clip=0.0, keep_checkpoints=2))
   c.eval = ml_collections.ConfigDict(dict(
@@ -108,8 +114,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"train.loop={c.train.loop!r} is unknown; valid: {list(LOOPS)}")
   if c.episode.train_ways < 0:
     raise ConfigError(f"episode.train_ways={c.episode.train_ways} must be >= 0 (0 = episode.ways)")
-  if not c.train.lr > 0:
-    raise ConfigError(f"train.lr={c.train.lr} must be > 0")
+  if not (c.train.lr > 0 and math.isfinite(c.train.lr)):
+    raise ConfigError(f"train.lr={c.train.lr} must be a finite number > 0")
+  if c.train.nonfinite not in NONFINITE:
+    raise ConfigError(f"train.nonfinite={c.train.nonfinite!r} is unknown; valid: {list(NONFINITE)}")
   if c.eval.split not in ("train", "val", "test"):
     raise ConfigError(f"eval.split={c.eval.split!r} is unknown; valid: ['train', 'val', 'test']")
   if c.eval.protocol not in PROTOCOLS:
@@ -122,6 +130,23 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 LOOPS = ("auto", "scan", "python")
+NONFINITE = ("stop", "skip")
+# Keys a resumed run may change without train.allow_config_change: run length,
+# cadences, paths, data placement and evaluation (a prefix ending in '.' covers a section).
+RESUME_FREE = ("train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every",
+               "train.steps_per_call", "train.loop", "train.keep_checkpoints", "train.allow_config_change",
+               "train.nonfinite", "data.data_dir", "data.manual_dir", "data.placement", "method.pretrained", "eval.")
+
+
+def config_changes(started: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """'key: old -> new' for every key outside RESUME_FREE where `config` differs from the
+  config.json a workdir was started with."""
+  flat = lambda d, prefix="": ({k2: v2 for k, v in d.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
+                               if isinstance(d, dict) else {prefix[:-1]: d})
+  old, new = flat(started), flat(json.loads(config.to_json_best_effort()))
+  free = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FREE)
+  return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+          for k in sorted(set(old) | set(new)) if not free(k) and old.get(k) != new.get(k)]
 PLACEMENTS = ("replicated", "sharded")
 
 

@@ -19,3 +19,11 @@ class DataError(FewshotError, ValueError):
 
 class CheckpointError(FewshotError, ValueError):
   """A checkpoint is unreadable or does not match the config."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+  """A checkpoint's files cannot be read (truncated, deleted, half-written by a killed writer)."""
+
+
+class TrainingDiverged(FewshotError):
+  """The loss or the gradients became non-finite."""

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fewshot_jax.errors import ConfigError
+from fewshot_jax.errors import ConfigError, FewshotError
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -58,6 +58,18 @@ def any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return bool(flag)
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def run_on_main(fn, what: str) -> None:
+  """Runs fn() on process 0; if it raises a FewshotError, every process raises (process 0 its own)."""
+  error = None
+  if is_main():
+    try:
+      fn()
+    except FewshotError as e:
+      error = e
+  if any_process(error is not None):
+    raise error if error is not None else ConfigError(f"process 0 failed {what}; its error says why")
 
 
 def max_over_processes(value: int) -> int:

@@ -19,6 +19,7 @@ checkpoint (preemption.py).
 """
 
 import functools
+import json
 import os
 import time
 from typing import Callable, Sequence
@@ -41,6 +42,7 @@ from fewshot_jax import state as state_lib
 from fewshot_jax.data import augment as augment_lib
 from fewshot_jax.data import episodes
 from fewshot_jax.data import input_pipeline
+from fewshot_jax.errors import ConfigError, TrainingDiverged, UnreadableCheckpoint
 from fewshot_jax.models import layers
 
 
@@ -51,6 +53,7 @@ def make_step(method, tx, config, mesh) -> Callable:
   sampling = dict(tasks=config.episode.tasks, ways=ways, shots=config.episode.shots,
                   queries=config.episode.queries, augment=aug)
   batch_sharding = sharding.task_sharded(mesh)
+  skip_nonfinite = config.train.nonfinite == "skip"
 
   def one_step(state, dataset, base_key):
     key = jax.random.fold_in(base_key, state.step)
@@ -61,11 +64,16 @@ def make_step(method, tx, config, mesh) -> Callable:
       episode = episodes.sample_episodes(sample_key, dataset, **sampling)
     episode = jax.lax.with_sharding_constraint(episode, batch_sharding)
     grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-    (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, episode, loss_key)
+    (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, episode, loss_key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return state.replace(step=state.step + 1, params=params, model_state=model_state,
-                         opt_state=opt_state), metrics
+    finite = jnp.all(jnp.stack([jnp.isfinite(loss)] + [jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+    metrics = {**metrics, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+    new = (params, model_state, opt_state)
+    if skip_nonfinite:  # keep the previous state: the step is skipped
+      new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, (state.params, state.model_state,
+                                                                     state.opt_state))
+    return state.replace(step=state.step + 1, params=new[0], model_state=new[1], opt_state=new[2]), metrics
 
   return one_step
 
@@ -148,15 +156,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        hooks: Sequence[Callable[[int, state_lib.TrainState], None]] = ()) -> state_lib.TrainState:
   """Trains (resuming from workdir if a checkpoint exists) with periodic validation.
 
-  `hooks(step, state)` run after every host call; a hook may raise to stop the
-  run (a preemption in tests). SIGTERM / SIGINT checkpoint and raise
-  preemption.Stopped.
+  The workdir is locked for the run (files.WorkdirLock). `hooks(step, state)`
+  run after every host call; a hook may raise to stop the run (a preemption in
+  tests). SIGTERM / SIGINT checkpoint and raise preemption.Stopped; a
+  non-finite loss raises TrainingDiverged (train.nonfinite='stop').
   """
   config_lib.validate(config)
   mesh = sharding.make_mesh()
   config = config_lib.fit_to_devices(config, mesh.size)
-  if multihost.is_main():
+  lock = files.WorkdirLock(workdir)
+  multihost.run_on_main(lambda: _claim(workdir, lock), "locking the workdir")
+  try:
+    return _train(config, workdir, hooks, mesh)
+  finally:
+    lock.release()
+
+
+def _claim(workdir: str, lock: files.WorkdirLock) -> None:
+  try:
     os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"cannot create --workdir={workdir!r}: {e.strerror or e}") from None
+  warning = lock.acquire()
+  if warning:
+    logging.warning(warning)
+
+
+def _record_config(config, workdir: str, resumed: bool) -> None:
+  """config.json holds the config of the latest start; a resumed run may change only RESUME_FREE keys
+  (else ConfigError, unless train.allow_config_change), and every change goes to config_history.jsonl."""
+  path = os.path.join(workdir, "config.json")
+  if resumed and os.path.exists(path):
+    with open(path) as f:
+      started = json.load(f)
+    changed = config_lib.config_changes(started, config)
+    if changed and not config.train.allow_config_change:
+      raise ConfigError(f"workdir {workdir} holds a run started with another config; changed: "
+                        f"{'; '.join(changed)}. Use another --workdir, or pass "
+                        "--config.train.allow_config_change=True to continue and record the change")
+    if json.loads(config.to_json_best_effort()) != started:
+      entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed, "previous": started}
+      with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+  files.write_atomic(path, config.to_json_best_effort(indent=2))
+
+
+def _resume(ckpt: checkpoint.Checkpoints, fresh, config, replicated):
+  """The newest readable latest checkpoint, or None; unreadable newer ones are skipped with a warning."""
+  steps = sorted(ckpt.latest.all_steps(), reverse=True)
+  problems = []
+  for step in steps:
+    try:
+      state = checkpoint.restore(ckpt.latest, checkpoint.abstract_like(fresh, replicated), config, step)
+    except UnreadableCheckpoint as e:
+      logging.warning("%s; trying the previous checkpoint", e)
+      problems.append(str(e))
+      continue
+    if problems:
+      logging.warning("resuming from step %d, the newest readable checkpoint", step)
+    return state
+  if problems:
+    raise UnreadableCheckpoint(f"no checkpoint in {ckpt.latest.directory} is readable ({len(problems)} "
+                               f"tried; newest: {problems[0]}); move it aside to start afresh")
+  return None
+
+
+def _train(config, workdir, hooks, mesh) -> state_lib.TrainState:
   method = methods.build(config)
   tx = state_lib.optimizer_for(method, config)
   ways = config_lib.train_ways(config)
@@ -175,19 +240,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   replicated = sharding.replicated(mesh)
   state = jax.jit(functools.partial(state_lib.init_state, method, tx), out_shardings=replicated)(
       init_key, example)
-  multihost.barrier("workdir")  # process 0 made it
-  ckpt = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
+  ckpt = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints, cleanup=True)
   meta = checkpoint.checkpoint_meta(config)
-  if ckpt.latest.latest_step() is not None:
-    state = checkpoint.restore(ckpt.latest, checkpoint.abstract_like(state, replicated), config)
+  resumed = _resume(ckpt, state, config, replicated)
+  multihost.run_on_main(lambda: _record_config(config, workdir, resumed is not None), "recording the config")
+  if resumed is not None:
+    state = resumed
     logging.info("Resumed from %s at step %d", ckpt.latest.directory, int(state.step))
   elif method.setup is not None:
     variables = method.setup({"params": state.params, **state.model_state}, train_data)
     params = variables.pop("params")
     state = jax.device_put(state.replace(params=params, model_state=variables, opt_state=tx.init(params)),
                            replicated)
-  if multihost.is_main():
-    files.write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   train_fn = make_train_fn(method, tx, config, mesh)
   schedule = state_lib.learning_rate_schedule(config.train)
@@ -202,50 +266,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       _check_replicas(state)
       ckpt.save(ckpt.latest, state, meta)
 
-  with preemption.StopRequests() as stops:
-    for length in call_lengths(start, tc.steps, tc.steps_per_call,
-                               (tc.log_every, tc.eval_every, tc.checkpoint_every)):
-      state, metrics = train_fn(state, train_data, train_key, length)
-      step += length
-      done_since_t0 += length
-      if step % tc.log_every == 0 or step == tc.steps:
+  try:
+    with preemption.StopRequests() as stops:
+      for length in call_lengths(start, tc.steps, tc.steps_per_call,
+                                 (tc.log_every, tc.eval_every, tc.checkpoint_every)):
+        state, metrics = train_fn(state, train_data, train_key, length)
+        step += length
+        done_since_t0 += length
         metrics = jax.device_get(metrics)
-        elapsed = time.time() - t0
-        eps = done_since_t0 * config.episode.tasks / elapsed
-        eta = (tc.steps - step) * config.episode.tasks / eps
-        extra = "".join(f" {k} {float(v):.4f}" for k, v in metrics.items() if k not in ("loss", "accuracy"))
-        logging.info("step %d/%d loss %.4f accuracy %.4f%s lr %.2e | %.1f episodes/s %.0f images/s | ETA %s",
-                     step, tc.steps, metrics["loss"], metrics["accuracy"], extra, schedule(step), eps,
-                     eps * images_per_episode, _hms(eta))
-        writer.scalars(step, {f"train/{k}": v for k, v in metrics.items()} |
-                       {"train/lr": schedule(step), "train/episodes_per_s": eps})
-        t0, done_since_t0 = time.time(), 0
-      if step % tc.eval_every == 0 or step == tc.steps:
-        result = validator.run(state.params, state.model_state)
-        others = ", ".join(f"{m} {r['accuracy']:.2f}" for m, r in result["modes"].items() if m != result["mode"])
-        logging.info("step %d validation accuracy %.2f%% +- %.2f (%d %s episodes of %s, %s mode)%s", step,
-                     result["accuracy"], result["ci95"], result["episodes"], result["protocol"],
-                     config.data.val_split, result["mode"], f"; {others}" if others else "")
-        writer.scalars(step, {"val/accuracy": result["accuracy"]} |
-                       {f"val/accuracy_{m}": r["accuracy"] for m, r in result["modes"].items()})
-        save_latest()
-        ckpt.save(ckpt.best, state, meta, metrics={"val_accuracy": result["accuracy"]})
-        ckpt.wait()
-        t0, done_since_t0 = time.time(), 0  # validation time is not training throughput
-      elif step % tc.checkpoint_every == 0:
-        save_latest()
-      for hook in hooks:
-        hook(step, state)
-      signum = stops.agreed()
-      if signum and step < tc.steps:
-        save_latest()
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-        raise preemption.Stopped(signum, step, str(ckpt.latest.directory))
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
+        if metrics["nonfinite"] > 0 and tc.nonfinite == "stop":
+          good = ckpt.latest.latest_step()
+          raise TrainingDiverged(
+              f"the loss or a gradient became non-finite between steps {step - length} and {step} "
+              f"(train.lr={tc.lr}); " + (f"the last good checkpoint is step {good} in {ckpt.latest.directory}"
+                                         if good is not None else "no checkpoint was written yet") +
+              "; lower train.lr, or set train.nonfinite='skip' to skip such steps")
+        if step % tc.log_every == 0 or step == tc.steps:
+          elapsed = time.time() - t0
+          eps = done_since_t0 * config.episode.tasks / elapsed
+          eta = (tc.steps - step) * config.episode.tasks / eps
+          extra = "".join(f" {k} {float(v):.4f}" for k, v in metrics.items() if k not in ("loss", "accuracy"))
+          logging.info("step %d/%d loss %.4f accuracy %.4f%s lr %.2e | %.1f episodes/s %.0f images/s | ETA %s",
+                       step, tc.steps, metrics["loss"], metrics["accuracy"], extra, schedule(step), eps,
+                       eps * images_per_episode, _hms(eta))
+          writer.scalars(step, {f"train/{k}": v for k, v in metrics.items()} |
+                         {"train/lr": schedule(step), "train/episodes_per_s": eps})
+          t0, done_since_t0 = time.time(), 0
+        if step % tc.eval_every == 0 or step == tc.steps:
+          result = validator.run(state.params, state.model_state)
+          others = ", ".join(f"{m} {r['accuracy']:.2f}" for m, r in result["modes"].items() if m != result["mode"])
+          logging.info("step %d validation accuracy %.2f%% +- %.2f (%d %s episodes of %s, %s mode)%s", step,
+                       result["accuracy"], result["ci95"], result["episodes"], result["protocol"],
+                       config.data.val_split, result["mode"], f"; {others}" if others else "")
+          writer.scalars(step, {"val/accuracy": result["accuracy"]} |
+                         {f"val/accuracy_{m}": r["accuracy"] for m, r in result["modes"].items()})
+          save_latest()
+          ckpt.save(ckpt.best, state, meta, metrics={"val_accuracy": result["accuracy"]})
+          ckpt.wait()
+          t0, done_since_t0 = time.time(), 0  # validation time is not training throughput
+        elif step % tc.checkpoint_every == 0:
+          save_latest()
+        for hook in hooks:
+          hook(step, state)
+        signum = stops.agreed()
+        if signum and step < tc.steps:
+          save_latest()
+          raise preemption.Stopped(signum, step, str(ckpt.latest.directory))
+  finally:  # whatever ends the run, a checkpoint being written is completed first
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
   return state
 
 
