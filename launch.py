@@ -5,7 +5,9 @@ procedural `synthetic` dataset (no files needed), train then evaluate.
 """
 
 import json
+import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app
@@ -50,11 +52,66 @@ def _one_line(e: BaseException) -> str:
   return " ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
 
 
+_TYPE_WORDS = (("could not convert string to float", "a number"), ("invalid literal for int()", "an integer"))
+
+
+def _config_arg(argv) -> str:
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+  return _DEFAULT_CONFIG
+
+
+def _valid_keys(key: str, argv) -> str:
+  """The keys beside config key `key` (a.b.c -> the keys of a.b), from the config the user chose."""
+  from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  try:
+    path, _, preset = _config_arg(argv).partition(":")
+    node = config_lib.load_file(path, preset) if preset else config_lib.load_file(path, "synthetic")
+    prefix = []
+    for part in key.split(".")[:-1]:  # down to the first part that does not exist
+      if part not in node:
+        break
+      node = node[part]
+      prefix.append(part)
+    return ", ".join(sorted(".".join(prefix + [k]) for k in node.keys()))
+  except Exception:  # pylint: disable=broad-exception-caught
+    return "see configs/*.py"
+
+
+def _override_problem(e: BaseException, argv) -> str:
+  """An override that names no config key: say which, and the keys valid there."""
+  text = _one_line(e)
+  for arg in argv[1:]:
+    if arg.startswith("--config.") and "=" in arg:
+      key = arg[len("--config."):].split("=", 1)[0]
+      if any(f"'{part}'" in text for part in key.split(".")):
+        return f"--config.{key}: no such config key; valid here: {_valid_keys(key, argv)}"
+  return f"bad --config override: {text}"
+
+
+def _flag_problem(e: BaseException, argv) -> str:
+  """One line naming the flag or config key, the bad value and what would be valid."""
+  text = str(e)
+  unknown = re.match(r"Unknown command line flag '(config\.[\w.]+)'", text)
+  if unknown:
+    key = unknown.group(1)[len("config."):]
+    return f"--config.{key}: no such config key; valid here: {_valid_keys(key, argv)}"
+  bad = re.match(r"flag (--[\w.]+)=(.*?): (.*)$", text, re.S)
+  if bad:
+    flag, value, why = bad.groups()
+    for needle, kind in _TYPE_WORDS:
+      if needle in why:
+        return f"{flag}={value} is not valid: {flag[2:]} takes {kind}"
+    return f"{flag}={value} is not valid: {why.splitlines()[0]}"
+  return _one_line(e)
+
+
 try:  # overrides (--config.a.b=v) are applied while the flag is defined
   config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file and preset, FILE:PRESET.",
                                   lock_config=True)
 except (AttributeError, KeyError, TypeError, ValueError) as err:
-  _fail(f"bad --config override: {_one_line(err)}")
+  _fail(_override_problem(err, sys.argv))
 flags.DEFINE_string("workdir", os.path.join("workdirs", "default"), "Checkpoints, logs and results.")
 flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval", "convert", "compare", "export"],
                   "What to run. convert: --torch_checkpoint -> an orbax checkpoint in --workdir "
@@ -88,12 +145,14 @@ def _parse_flags(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    _fail(_one_line(e))
+    _fail(_flag_problem(e, argv))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # an override of the chosen --config
+    _fail(_override_problem(e, argv))
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _fail(f"unexpected arguments {' '.join(argv[1:])!r}: launch.py takes only flags (--name=value); see --help")
   from fewshot_jax import evaluate  # pylint: disable=g-import-not-at-top
   from fewshot_jax import train  # pylint: disable=g-import-not-at-top
   from fewshot_jax.errors import FewshotError  # pylint: disable=g-import-not-at-top
@@ -104,6 +163,8 @@ def main(argv):
     _fail("--coordinator_address, --num_processes, --process_id and --local_device_ids need --distributed")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  # "Unable to initialize backend 'tpu'" on every machine without one: not news.
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
   if FLAGS.distributed:
     try:
       ids = [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None

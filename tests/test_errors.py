@@ -76,10 +76,20 @@ def test_unknown_preset_names_it_and_the_valid_ones(tmp_path):
     ("--config.train.lr=-1", ("train.lr=-1", "> 0")),
     ("--config.train.loop=while", ("train.loop='while'", "'scan'", "'python'")),
     ("--config.data.placement=spread", ("data.placement='spread'", "'replicated'", "'sharded'")),
+    ("--config.train.lr=inf", ("train.lr=inf", "finite")),
+    ("--config.train.nonfinite=maybe", ("train.nonfinite='maybe'", "'stop'", "'skip'")),
+    ("--config.train.lr=abc", ("--config.train.lr=abc", "takes a number")),
+    ("--config.episode.ways=five", ("--config.episode.ways=five", "takes an integer")),
+    ("--config.episode.foo=1", ("--config.episode.foo", "no such config key", "episode.ways", "episode.tasks")),
+    ("--config.bogus.x=1", ("--config.bogus.x", "no such config key", "episode", "train")),
+    ("--mode=bogus", ("--mode=bogus", "train_eval", "export")),
+    ("extra_argument", ("'extra_argument'", "only flags")),
     ("--config.train.checkpoint_every=0", ("train.checkpoint_every=0", "positive")),
 ])
 def test_bad_config_value(flag, needles, tmp_path, tfds_dir):
-  user_error(launch(flag, "--mode=train", f"--workdir={tmp_path}", tfds_dir=tfds_dir), *needles)
+  result = launch(flag, "--mode=train", f"--workdir={tmp_path}", tfds_dir=tfds_dir)
+  user_error(result, *needles)
+  assert "Unable to initialize backend" not in result.stderr  # no INFO noise before the error
   assert not (tmp_path / "checkpoints").exists()
 
 
