@@ -120,6 +120,7 @@ flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval", "convert
                   "state_dict in the authors' format.")
 flags.DEFINE_string("torch_checkpoint", None, "PyTorch file read by --mode=convert (softRandom.t7, "
                     "metaNet_*.t7) or written by --mode=export.")
+flags.DEFINE_bool("overwrite", False, "With --mode=convert: replace the checkpoints a workdir already holds.")
 flags.DEFINE_bool("distributed", False, "Several processes (a pod, multi-GPU, N processes on one machine): "
                   "join a JAX cluster first. Slurm, Open MPI, Kubernetes and Cloud TPU are detected; "
                   "elsewhere give --coordinator_address, --num_processes and --process_id.")
@@ -185,7 +186,8 @@ def main(argv):
       if not FLAGS.torch_checkpoint:
         _fail("--mode=convert needs --torch_checkpoint=PATH")
       from fewshot_jax import convert  # pylint: disable=g-import-not-at-top
-      print(json.dumps(convert.convert_to_workdir(config, FLAGS.torch_checkpoint, FLAGS.workdir)))
+      print(json.dumps(convert.convert_to_workdir(config, FLAGS.torch_checkpoint, FLAGS.workdir,
+                                                  overwrite=FLAGS.overwrite)))
     if FLAGS.mode == "export":
       if not FLAGS.torch_checkpoint:
         _fail("--mode=export needs --torch_checkpoint=PATH (the file to write)")

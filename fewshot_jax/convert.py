@@ -17,6 +17,7 @@ num_batches_tracked is accepted and dropped: Flax keeps no counter, and PyTorch
 from collections.abc import Mapping
 import os
 import pickle
+import shutil
 
 import numpy as np
 
@@ -231,8 +232,11 @@ def _hint(state_dict, what) -> str:
   return ""
 
 
-def convert_to_workdir(config, torch_checkpoint: str, workdir: str) -> dict:
+def convert_to_workdir(config, torch_checkpoint: str, workdir: str, overwrite: bool = False) -> dict:
   """Converts a PyTorch checkpoint once into an orbax checkpoint in `workdir` (step 0).
+
+  A workdir that already holds checkpoints is refused (it would describe one
+  model and hold another); `overwrite` replaces them.
 
   configs/idemenet.py:pretrain takes an embedding file like softRandom.t7;
   configs/idemenet.py:mini-5w1s / mini-5w5s take a GNet file like
@@ -260,6 +264,12 @@ def convert_to_workdir(config, torch_checkpoint: str, workdir: str) -> dict:
     raise ConfigError(f"--mode=convert handles IDeMe-Net checkpoints; method.name={name!r} "
                       "(use configs/idemenet.py:pretrain or :mini-5w1s / :mini-5w5s)")
   state_dict = load_state_dict(torch_checkpoint)  # first: a bad file fails before any model work
+  held = [d for d in ("checkpoints", "best") if os.path.isdir(os.path.join(workdir, d)) and
+          os.listdir(os.path.join(workdir, d))]
+  if held and not overwrite:
+    raise ConfigError(f"workdir {workdir} already holds checkpoints ({', '.join(held)}); converting into it "
+                      "would leave one model described and another stored: use an empty --workdir, or "
+                      "pass --overwrite to replace them")
   mesh = sharding.make_mesh()
   method = methods.build(config)
   tx = state_lib.optimizer_for(method, config)
@@ -284,6 +294,22 @@ def convert_to_workdir(config, torch_checkpoint: str, workdir: str) -> dict:
                                opt_state=tx.init(params))
   state = jax.device_put(state, sharding.replicated(mesh))
   os.makedirs(workdir, exist_ok=True)
+  lock = files.WorkdirLock(workdir)
+  lock.acquire()
+  try:
+    for d in held:  # overwrite: the old model goes entirely
+      shutil.rmtree(os.path.join(workdir, d))
+    _save_converted(config, state, workdir)
+  finally:
+    lock.release()
+  return {"converted": torch_checkpoint, "workdir": workdir, "method": name,
+          "parameters": int(sum(x.size for x in jax.tree.leaves(params)))}
+
+
+def _save_converted(config, state, workdir) -> None:
+  """Step 0 as the latest and the best checkpoint, and config.json."""
+  from fewshot_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from fewshot_jax import files  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
   meta = checkpoint.checkpoint_meta(config)
   ckpt.save(ckpt.latest, state, meta)
@@ -291,5 +317,3 @@ def convert_to_workdir(config, torch_checkpoint: str, workdir: str) -> dict:
   ckpt.wait()
   ckpt.close()
   files.write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-  return {"converted": torch_checkpoint, "workdir": workdir, "method": name,
-          "parameters": int(sum(x.size for x in jax.tree.leaves(params)))}

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from fewshot_jax import convert
+from fewshot_jax.errors import ConfigError
 from fewshot_jax.errors import CheckpointError
 from fewshot_jax.methods import common
 from fewshot_jax.models import conv4 as flax_conv4
@@ -408,6 +409,19 @@ def test_convert_mode_round_trip(make_config, tmp_path):
   direct = convert.embedding_from_torch(convert.load_state_dict(tmp_path / "softRandom.t7"))
   for a, b in zip(jax.tree.leaves(direct["params"]), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, b)  # orbax round trip is exact
+  # Another file into the same workdir: refused, the old model kept; with overwrite, replaced.
+  other = _calibrate(torch_resnet.ClassificationNetwork(64), _images(4, size, seed=9))
+  torch.save(other.state_dict(), tmp_path / "other.t7")
+  with pytest.raises(ConfigError, match="already holds checkpoints"):
+    convert.convert_to_workdir(stage1, str(tmp_path / "other.t7"), str(tmp_path / "e"))
+  _, kept = checkpoint.load_for_eval(stage1, str(tmp_path / "e"), sharding.make_mesh(), "best")
+  np.testing.assert_array_equal(jax.tree.leaves(kept.params)[0], jax.tree.leaves(state.params)[0])
+  convert.convert_to_workdir(stage1, str(tmp_path / "other.t7"), str(tmp_path / "e"), overwrite=True)
+  _, replaced = checkpoint.load_for_eval(stage1, str(tmp_path / "e"), sharding.make_mesh(), "best")
+  want = convert.embedding_from_torch(convert.load_state_dict(tmp_path / "other.t7"))
+  for a, b in zip(jax.tree.leaves(want["params"]), jax.tree.leaves(replaced.params)):
+    np.testing.assert_array_equal(a, b)
+  assert not (tmp_path / "e" / "lock").exists()
 
   gnet, probe, gallery = _gnet(3, size)
   torch.save({f"module.{k}": v for k, v in gnet.state_dict().items()}, tmp_path / "metaNet_1shot.t7")
