@@ -115,9 +115,10 @@ class Evaluator:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores the best (or latest) checkpoint on eval.split under eval.protocol.
 
-  Writes <workdir>/eval_<split>.json as {protocol: result}; a run of the other
-  protocol adds its entry beside this one. The standard protocol scores
-  eval.episodes episodes, the reference protocol eval.reference_tasks tasks.
+  Adds the result to <workdir>/eval_<split>.json under `result_key` (protocol,
+  task, queries, checkpoint), so evaluations of other tasks or protocols
+  accumulate beside it. The standard protocol scores eval.episodes episodes,
+  the reference protocol eval.reference_tasks tasks.
   """
   config_lib.validate(config)
   mesh = sharding.make_mesh()
@@ -128,7 +129,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   evaluator = Evaluator(method, config, mesh, config.eval.split, num)
   result = {"method": config.method.name, "dataset": config.data.name, "split": config.eval.split,
             "ways": config.episode.ways, "shots": config.episode.shots,
-            **evaluator.run(state.params, state.model_state), "step": int(state.step)}
+            **evaluator.run(state.params, state.model_state), "step": int(state.step),
+            "checkpoint": config.eval.checkpoint}
   if getattr(method, "deform", None) is not None:
     result["figure"] = write_deformation_figure(method, state, config, evaluator, workdir)
   if not multihost.is_main():
@@ -141,9 +143,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         written = json.load(f)
       except json.JSONDecodeError:
         written = {}
-    written = {k: v for k, v in written.items() if k in config_lib.PROTOCOLS}
-  checkpoint.write_json(path, {**written, protocol: result})
+  checkpoint.write_json(path, {**written, result_key(result): result})
   return result
+
+
+def result_key(result: dict) -> str:
+  """'standard/5w1s/75q/best': what an entry of eval_<split>.json measured."""
+  return (f"{result['protocol']}/{result['ways']}w{result['shots']}s/{result['queries_per_episode']}q/"
+          f"{result['checkpoint']}")
 
 
 def write_deformation_figure(method, state, config, evaluator: Evaluator, workdir: str, rows: int = 12) -> str:

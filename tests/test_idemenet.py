@@ -226,7 +226,7 @@ def test_two_stages_on_real_mini_imagenet(make_config, tmp_path):
   assert set(result["modes"]) == {"deformed", "plain"} and result["mode"] == "deformed"
   assert all(0.0 <= m["accuracy"] <= 100.0 for m in result["modes"].values())
   with open(tmp_path / "stage2" / "eval_test.json") as f:
-    assert json.load(f)["standard"]["modes"] == result["modes"]
+    assert json.load(f)[evaluate.result_key(result)]["modes"] == result["modes"]
   with Image.open(result["figure"]) as image:
     assert image.size[0] > 4 * 32 and image.size[1] > 32
   # A stage-2 workdir is not a stage-1 checkpoint: a clear error, not a crash.

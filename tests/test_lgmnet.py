@@ -343,4 +343,4 @@ def test_short_real_omniglot_lgmnet_run_learns(make_config, tmp_path):
     for mode in result["modes"].values():
       assert mode["accuracy"] > 40.0, result  # chance: 20%; measured 52 (standard protocol)
   with open(tmp_path / "eval_test.json") as f:
-    assert json.load(f) == {"standard": standard, "reference": reference}
+    assert json.load(f) == {evaluate.result_key(standard): standard, evaluate.result_key(reference): reference}

@@ -138,7 +138,7 @@ def test_two_processes_train_preempt_resume_and_evaluate(tmp_path):
   # eval_test.json of the 2-process run equals a 1-process evaluation of the same checkpoint.
   written = json.loads(_read(pod / "eval_test.json"))
   result = evaluate.evaluate_checkpoint(config, str(pod))
-  assert written == {"standard": json.loads(json.dumps(result))}
+  assert written == {"standard/5w1s/75q/best": json.loads(json.dumps(result))}
 
 
 def test_compiled_steps_move_no_images_but_the_episode(tmp_path):

@@ -140,9 +140,14 @@ def test_short_omniglot_run_learns(make_config, tmp_path):
   assert result["accuracy"] > 85.0, result
   with open(tmp_path / "eval_test.json") as f:
     written = json.load(f)
-  assert written == {"standard": result}
+  assert written == {"standard/5w1s/75q/best": result}
   assert set(result) == {"method", "dataset", "split", "ways", "shots", "protocol", "queries_per_episode",
-                         "episodes", "accuracy", "ci95", "mode", "modes", "step"}
+                         "episodes", "accuracy", "ci95", "mode", "modes", "step", "checkpoint"}
+  # Another task evaluated on the same checkpoint is added beside it.
+  config.episode.ways = 20
+  twenty = evaluate.evaluate_checkpoint(config, str(tmp_path))
+  with open(tmp_path / "eval_test.json") as f:
+    assert json.load(f) == {"standard/5w1s/75q/best": result, "standard/20w1s/300q/best": twenty}
   assert (result["ways"], result["shots"], result["queries_per_episode"], result["episodes"]) == (5, 1, 75, 200)
   assert result["modes"] == {"default": {k: result[k] for k in ("accuracy", "ci95", "episodes")}}
   assert 0 < result["ci95"] < 5
