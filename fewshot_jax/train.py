@@ -165,11 +165,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh()
   config = config_lib.fit_to_devices(config, mesh.size)
   lock = files.WorkdirLock(workdir)
+  existed = os.path.isdir(workdir)
   multihost.run_on_main(lambda: _claim(workdir, lock), "locking the workdir")
   try:
     return _train(config, workdir, hooks, mesh)
   finally:
     lock.release()
+    if not existed and multihost.is_main() and os.path.isdir(workdir) and not os.listdir(workdir):
+      os.rmdir(workdir)  # a run that failed before writing anything leaves no empty workdir
 
 
 def _claim(workdir: str, lock: files.WorkdirLock) -> None:
@@ -177,7 +180,10 @@ def _claim(workdir: str, lock: files.WorkdirLock) -> None:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise ConfigError(f"cannot create --workdir={workdir!r}: {e.strerror or e}") from None
-  warning = lock.acquire()
+  try:
+    warning = lock.acquire()
+  except OSError as e:
+    raise ConfigError(f"cannot write in --workdir={workdir!r}: {e.strerror or e}") from None
   if warning:
     logging.warning(warning)
 

@@ -93,6 +93,12 @@ def test_bad_config_value(flag, needles, tmp_path, tfds_dir):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_workdir_that_is_a_file(tmp_path, tfds_dir):
+  (tmp_path / "file").write_text("x")
+  user_error(launch("--mode=train", f"--workdir={tmp_path / 'file'}", tfds_dir=tfds_dir), "--workdir=",
+             "file", "File exists")
+
+
 @pytest.mark.parametrize("flags, needles", [
     (("--num_processes=2",), ("--num_processes", "need --distributed")),
     (("--distributed", "--num_processes=2"), ("--coordinator_address", "--process_id", "missing")),
@@ -122,6 +128,8 @@ def test_missing_manual_dir(tmp_path):
   result = launch("--config=configs/protonet.py:omniglot-5w1s", "--config.data.manual_dir=/nonexistent/x",
                   "--mode=train", f"--workdir={tmp_path / 'work'}", tfds_dir=tmp_path / "tfds", timeout=120)
   user_error(result, "/nonexistent/x", "images_background.npz")
+  # Nothing left behind: no empty workdir, no empty dataset folder.
+  assert not (tmp_path / "work").exists() and not (tmp_path / "tfds" / "fewshot_omniglot").exists()
 
 
 @needs_omniglot

@@ -1,6 +1,7 @@
 """From config to device-resident splits: prepare the TFDS builder once, load a split."""
 
 import os
+import shutil
 import time
 
 from absl import logging
@@ -41,11 +42,27 @@ def _prepare_locked(make, d):
     if builder.is_prepared():
       return builder
     start = time.time()
-    builders.prepare(builder)
+    fresh = [p for p in (os.path.join(d.data_dir, builder.name), os.path.join(d.data_dir, "downloads"))
+             if not os.path.exists(p)]
+    try:
+      builders.prepare(builder)
+    except BaseException:
+      _remove_new(fresh)
+      raise
     log = logging.info if multihost.is_main() else logging.warning
     log("Prepared %s into %s in %.1f s%s", builder.info.full_name, d.data_dir, time.time() - start,
         "" if multihost.is_main() else " (this process does not share process 0's data_dir)")
     return builder
+
+
+def _remove_new(paths: list[str]) -> None:
+  """Removes what a failed preparation created: folders that did not exist before it and hold no file
+  (TFDS's own metadata aside), so a retry starts clean and nothing empty is left behind."""
+  for path in paths:
+    files_in = [f for root, _, names in os.walk(path) for f in names
+                if os.path.relpath(root, path).split(os.sep)[0] != ".config"]
+    if os.path.isdir(path) and not files_in:
+      shutil.rmtree(path, ignore_errors=True)
 
 
 def load(config: ml_collections.ConfigDict, split: str, mesh=None) -> episodes.DeviceDataset:
