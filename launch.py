@@ -98,7 +98,7 @@ def _flag_problem(e: BaseException, argv) -> str:
     key = unknown.group(1)[len("config."):]
     return f"--config.{key}: no such config key; valid here: {_valid_keys(key, argv)}"
   bad = re.match(r"flag (--[\w.]+)=(.*?): (.*)$", text, re.S)
-  if bad:
+  if bad and bad.group(1) != "--config":  # a config file's own error is found by _one_line
     flag, value, why = bad.groups()
     for needle, kind in _TYPE_WORDS:
       if needle in why:
