@@ -120,3 +120,18 @@ def test_diverging_loss_stops_with_the_last_good_checkpoint_or_skips(make_config
                                    str(tmp_path / "skip"))
   assert int(state.step) == 8
   assert all(np.isfinite(x).all() for x in _leaves(state))
+
+
+def test_atomic_writes_leave_no_temporary_file_and_keep_the_old_one_on_error(tmp_path):
+  from fewshot_jax import files  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "result.json"
+  files.write_atomic(str(path), "first")
+  umask = os.umask(0)
+  os.umask(umask)
+  assert path.read_text() == "first" and (path.stat().st_mode & 0o777) == 0o666 & ~umask
+  with pytest.raises(RuntimeError):
+    with files.atomic_path(str(path)) as tmp:
+      with open(tmp, "w") as f:
+        f.write("half")
+      raise RuntimeError("killed mid-write")
+  assert path.read_text() == "first" and os.listdir(tmp_path) == ["result.json"]
