@@ -133,10 +133,14 @@ FLAGS = flags.FLAGS
 
 
 class _QuietLibraries:
-  """Drops INFO records of orbax and TFDS, which log every file they touch."""
+  """Drops INFO records of orbax and TFDS, which log every file they touch, and orbax's tracebacks of
+  a full disk, which the trainer reports as one error line (checkpoint._write_errors)."""
 
   def filter(self, record) -> bool:
     noisy = ("/orbax/", "/tensorflow_datasets/", "/etils/")
+    if "/orbax/" in record.pathname and "No space left on device" in (
+        record.getMessage() + str(record.exc_info[1] if record.exc_info else "")):
+      return False
     return record.levelno > logging.converter.STANDARD_INFO or not any(
         n in record.pathname for n in noisy)
 
@@ -205,6 +209,9 @@ def main(argv):
         print(json.dumps(result))
   except FewshotError as e:
     print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except OSError as e:  # a file the run writes: a full disk, a permission, a missing directory
+    print(f"error: cannot write {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
     sys.exit(2)
   except preemption.Stopped as e:
     print(str(e), file=sys.stderr)

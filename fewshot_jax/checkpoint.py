@@ -53,15 +53,38 @@ class Checkpoints:
     self.wait()
     step = int(state.step)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    manager.save(step, args=args, metrics=metrics)
+    with _write_errors(manager.directory, step):
+      manager.save(step, args=args, metrics=metrics)
 
   def wait(self):
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    for manager in (self.latest, self.best):
+      with _write_errors(manager.directory):
+        manager.wait_until_finished()
 
   def close(self):
     self.latest.close()
     self.best.close()
+
+
+@contextlib.contextmanager
+def _write_errors(directory, step=None):
+  """A full disk or a permission error while writing a checkpoint: one CheckpointError naming where.
+
+  The failed write abandons tensorstore's other writes, as a failed read does
+  (_quiet_abandoned_io), so their late errors are silenced the same way."""
+  try:
+    with _quiet_abandoned_io():
+      yield
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    text = str(e)
+    for needle, what in (("No space left on device", "the disk is full"),
+                         ("Permission denied", "permission denied"), ("Read-only file system", "read-only")):
+      if needle in text or (isinstance(e, OSError) and e.strerror == needle):
+        which = "a checkpoint" if step is None else f"checkpoint {step}"
+        raise CheckpointError(f"cannot write {which} in {directory}: {what}; the newest complete "
+                              "checkpoint is kept; free space (or fix the path) and rerun the same command "
+                              "to resume from it") from None
+    raise
 
 
 def restore(manager, abstract_state, config, step=None) -> state_lib.TrainState:
@@ -79,9 +102,9 @@ def restore(manager, abstract_state, config, step=None) -> state_lib.TrainState:
         f"checkpoint {where} does not match the config: " +
         ", ".join(f"{k} is {a!r} in the checkpoint but {b!r} in the config" for k, (a, b) in diff.items()))
   # Shapes come from the checkpoint's metadata, before any array is read: a
-  # mismatch would fail orbax's parallel reads part-way (see _quiet_abandoned_reads).
+  # mismatch would fail orbax's parallel reads part-way (see _quiet_abandoned_io).
   try:
-    with _quiet_abandoned_reads():
+    with _quiet_abandoned_io():
       stored = _leaf_shapes(ocp.StandardCheckpointHandler().metadata(epath.Path(where) / "state"))
   except Exception as e:  # pylint: disable=broad-exception-caught
     raise UnreadableCheckpoint(f"checkpoint {where} is unreadable: {_short(e)}") from None
@@ -95,7 +118,7 @@ def restore(manager, abstract_state, config, step=None) -> state_lib.TrainState:
     raise CheckpointError(f"checkpoint {where} does not fit the model of the config "
                           f"(were model.* or method.* changed?): {'; '.join(problems[:3])}{more}")
   try:
-    with _quiet_abandoned_reads():
+    with _quiet_abandoned_io():
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   except Exception as e:  # pylint: disable=broad-exception-caught
     raise UnreadableCheckpoint(f"checkpoint {where} is unreadable: {_short(e)}") from None
@@ -119,7 +142,7 @@ def _short(e: Exception) -> str:
   return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
-class _AbandonedReads(logging.Filter):
+class _AbandonedIO(logging.Filter):
 
   def filter(self, record) -> bool:
     return not record.getMessage().startswith(("Task exception was never retrieved",
@@ -127,8 +150,8 @@ class _AbandonedReads(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_abandoned_reads():
-  """When one of orbax's parallel reads fails, the others are abandoned: tensorstore
+def _quiet_abandoned_io():
+  """When one of orbax's parallel reads or writes fails, the others are abandoned: tensorstore
   finishes them later and posts them to orbax's event loop, already closed, and
   their tasks log their errors when collected, so Python would print one
   'RuntimeError: Event loop is closed' or '... exception was never retrieved'
@@ -141,7 +164,7 @@ def _quiet_abandoned_reads():
     if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
       previous(unraisable)
 
-  log_filter = _AbandonedReads()
+  log_filter = _AbandonedIO()
   sys.unraisablehook = hook
   logging.getLogger("asyncio").addFilter(log_filter)
   yield  # an exception propagates from here and leaves the filters in place

@@ -245,3 +245,18 @@ def test_export_errors_name_the_problem(tmp_path, tfds_dir):
   user_error(launch(*base, tfds_dir=tfds_dir), "--torch_checkpoint")
   user_error(launch(*base, f"--torch_checkpoint={tmp_path / 'out.t7'}", tfds_dir=tfds_dir), str(tmp_path / "w"))
   assert not (tmp_path / "out.t7").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
+def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tfds_dir):
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+  try:  # 2 MiB: config.json and the step-10 checkpoint fit, step 20 does not
+    result = launch("--mode=train", f"--workdir={disk / 'w'}", "--config.train.steps=40",
+                    "--config.train.checkpoint_every=10", "--config.train.steps_per_call=10",
+                    "--config.train.log_every=10", "--config.train.eval_every=20", tfds_dir=tfds_dir)
+    user_error(result, "cannot write a checkpoint", str(disk / "w" / "checkpoints"), "the disk is full")
+    assert sorted(os.listdir(disk / "w" / "checkpoints"))[0] == "10"
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
