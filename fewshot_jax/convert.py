@@ -44,6 +44,7 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"PyTorch checkpoint {path} does not exist")
   if not os.path.isfile(path):
     raise CheckpointError(f"PyTorch checkpoint {path} is not a file")
+  _check_format(path)
   try:
     obj = torch.load(path, weights_only=True, map_location="cpu")
   except pickle.UnpicklingError as e:
@@ -51,7 +52,8 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
         f"PyTorch checkpoint {path} was refused: it holds Python objects other than tensors, "
         f"which could run code when loaded (torch.load weights_only=True: {_first_line(e)})") from None
   except Exception as e:  # pylint: disable=broad-exception-caught  # torch raises many types for corrupt files
-    raise CheckpointError(f"PyTorch checkpoint {path} is unreadable: {type(e).__name__}: {_first_line(e)}") from None
+    raise CheckpointError(f"PyTorch checkpoint {path} is truncated or corrupt: it starts like a torch.save "
+                          f"file but cannot be read ({type(e).__name__}: {_first_line(e)})") from None
   if not isinstance(obj, Mapping):
     raise CheckpointError(f"PyTorch checkpoint {path} holds a {type(obj).__name__}, "
                           f"not a state_dict (a flat mapping of names to tensors)")
@@ -64,6 +66,20 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
   if obj and all(k.startswith("module.") for k in obj):
     obj = {k[len("module."):]: v for k, v in obj.items()}
   return {k: _to_numpy(v) for k, v in obj.items()}
+
+
+def _check_format(path: str) -> None:
+  """torch.save writes a zip archive (PK..., torch >= 1.6) or, in the legacy format of the authors'
+  .t7 files, a pickle (protocol byte 0x80): anything else is not a PyTorch checkpoint at all."""
+  with open(path, "rb") as f:
+    head = f.read(512)
+  if not head:
+    raise CheckpointError(f"PyTorch checkpoint {path} is empty (0 bytes)")
+  if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+    kind = "text" if all(32 <= c < 127 or c in (9, 10, 13) for c in head) else "binary data"
+    raise CheckpointError(f"PyTorch checkpoint {path} is not a torch.save file: it starts with {kind} "
+                          f"({head[:8]!r}), where torch.save writes a zip archive (b'PK\\x03\\x04') or a "
+                          "pickle (b'\\x80')")
 
 
 def embedding_from_torch(state_dict: Mapping, num_classes: int = 64, source: str = "state_dict") -> dict:

@@ -368,7 +368,21 @@ def test_not_a_flat_mapping_of_tensors(tmp_path):
 def test_corrupt_and_missing_files(tmp_path):
   path = tmp_path / "corrupt.t7"
   path.write_bytes(b"not a checkpoint")
-  assert str(path) in _error(convert.load_state_dict, path)
+  message = _error(convert.load_state_dict, path)
+  assert str(path) in message and "not a torch.save file" in message and "text" in message
+  (tmp_path / "empty.t7").write_bytes(b"")
+  assert "is empty (0 bytes)" in _error(convert.load_state_dict, tmp_path / "empty.t7")
+  (tmp_path / "random.t7").write_bytes(np.random.default_rng(0).integers(1, 256, 4096, np.uint8).tobytes())
+  assert "not a torch.save file: it starts with binary data" in _error(convert.load_state_dict,
+                                                                     tmp_path / "random.t7")
+  whole = tmp_path / "whole.t7"
+  torch.save({"w": torch.zeros(1000)}, whole)
+  (tmp_path / "truncated.t7").write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+  assert "is truncated or corrupt" in _error(convert.load_state_dict, tmp_path / "truncated.t7")
+  legacy = tmp_path / "legacy.t7"
+  torch.save({"w": torch.zeros(1000)}, legacy, _use_new_zipfile_serialization=False)
+  (tmp_path / "legacy_cut.t7").write_bytes(legacy.read_bytes()[:100])
+  assert "is truncated or corrupt" in _error(convert.load_state_dict, tmp_path / "legacy_cut.t7")
   missing = tmp_path / "absent.t7"
   message = _error(convert.load_state_dict, missing)
   assert str(missing) in message and "does not exist" in message
