@@ -135,3 +135,19 @@ def test_atomic_writes_leave_no_temporary_file_and_keep_the_old_one_on_error(tmp
         f.write("half")
       raise RuntimeError("killed mid-write")
   assert path.read_text() == "first" and os.listdir(tmp_path) == ["result.json"]
+
+
+def test_evaluation_beside_a_running_training_reads_the_newest_committed_checkpoint(make_config, tmp_path):
+  """A workdir as a live training leaves it: locked, with a step being written. Evaluation takes no
+  lock, reads the newest committed step and removes nothing."""
+  from fewshot_jax import evaluate  # pylint: disable=g-import-not-at-top
+  config = _small(make_config)
+  train.train_and_evaluate(config, str(tmp_path))
+  lock = tmp_path / "lock"
+  lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "now"}))
+  writing = tmp_path / "checkpoints" / "10.orbax-checkpoint-tmp-99"
+  writing.mkdir()
+  config.eval.checkpoint = "latest"
+  result = evaluate.evaluate_checkpoint(config, str(tmp_path))
+  assert result["step"] == 8 and result["checkpoint"] == "latest"
+  assert writing.exists() and lock.exists()
