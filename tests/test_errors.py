@@ -99,6 +99,20 @@ def test_workdir_that_is_a_file(tmp_path, tfds_dir):
              "file", "File exists")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only tmpfs needs root (CI runs as root)")
+def test_workdir_on_a_read_only_disk(tmp_path, tfds_dir):
+  disk = tmp_path / "ro"
+  disk.mkdir()
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)], check=True)
+  try:
+    user_error(launch("--mode=train", f"--workdir={disk}", tfds_dir=tfds_dir), "cannot write in --workdir",
+               str(disk), "Read-only file system")
+    user_error(launch("--mode=train", f"--workdir={disk / 'new'}", tfds_dir=tfds_dir), "cannot create --workdir",
+               "Read-only file system")
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
+
+
 @pytest.mark.parametrize("flags, needles", [
     (("--num_processes=2",), ("--num_processes", "need --distributed")),
     (("--distributed", "--num_processes=2"), ("--coordinator_address", "--process_id", "missing")),
