@@ -248,8 +248,12 @@ def _train(config, workdir, hooks, mesh) -> state_lib.TrainState:
       init_key, example)
   ckpt = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints, cleanup=True)
   meta = checkpoint.checkpoint_meta(config)
-  resumed = _resume(ckpt, state, config, replicated)
-  multihost.run_on_main(lambda: _record_config(config, workdir, resumed is not None), "recording the config")
+  try:
+    resumed = _resume(ckpt, state, config, replicated)
+    multihost.run_on_main(lambda: _record_config(config, workdir, resumed is not None), "recording the config")
+  except BaseException:
+    ckpt.close()
+    raise
   if resumed is not None:
     state = resumed
     logging.info("Resumed from %s at step %d", ckpt.latest.directory, int(state.step))
