@@ -108,16 +108,22 @@ def abstract_dataset(config, mesh, classes: int, per_class: int):
       class_ids=s((classes,), jnp.int32), **placed)
 
 
-def measure(case: str, placement: str) -> dict:
-  mesh = sharding.make_mesh()
-  c = case_config(case, placement, mesh.size)
+def abstract_step(c, mesh):
+  """(method, tx, example batch, train state shapes, training split shapes) of config `c` on `mesh`."""
   method = methods.build(c)
   tx = state_lib.optimizer_for(method, c)
   example = state_lib.train_example(method, c)
   rep = sharding.replicated(mesh)
   state = jax.eval_shape(lambda k: state_lib.init_state(method, tx, k, example), jax.random.key(0))
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
-  dataset = abstract_dataset(c, mesh, FLAGS.classes, FLAGS.per_class)
+  return method, tx, example, state, abstract_dataset(c, mesh, FLAGS.classes, FLAGS.per_class)
+
+
+def measure(case: str, placement: str) -> dict:
+  mesh = sharding.make_mesh()
+  c = case_config(case, placement, mesh.size)
+  method, tx, example, state, dataset = abstract_step(c, mesh)
+  rep = sharding.replicated(mesh)
   start = time.time()
   if hasattr(train, "make_step"):
     step = jax.jit(train.make_step(method, tx, c, mesh), out_shardings=rep)

@@ -29,9 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import collectives  # pylint: disable=g-import-not-at-top  (sets the XLA:CPU defaults)
-from fewshot_jax import methods  # pylint: disable=g-import-not-at-top
-from fewshot_jax import sharding
-from fewshot_jax import state as state_lib
+from fewshot_jax import sharding  # pylint: disable=g-import-not-at-top
 from fewshot_jax import train
 
 _DEFAULT = ["protonet:omniglot-5w1s", "protonet:mini-5w5s", "matchingnet:mini-5w1s", "lgmnet:omniglot-20w1s",
@@ -47,13 +45,8 @@ def measure(case: str, dtype: str, remat: bool | None) -> dict:
   extra = f"model.dtype={dtype}" + (f";model.remat={remat}" if remat is not None else "")
   case_with = case + (";" if case.count(":") > 1 else ":") + extra
   c = collectives.case_config(case_with, "replicated", mesh.size)
-  method = methods.build(c)
-  tx = state_lib.optimizer_for(method, c)
-  example = state_lib.train_example(method, c)
+  method, tx, example, state, dataset = collectives.abstract_step(c, mesh)
   rep = sharding.replicated(mesh)
-  state = jax.eval_shape(lambda k: state_lib.init_state(method, tx, k, example), jax.random.key(0))
-  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
-  dataset = collectives.abstract_dataset(c, mesh, FLAGS.classes, FLAGS.per_class)
   start = time.time()
   compiled = jax.jit(train.make_step(method, tx, c, mesh), out_shardings=rep, donate_argnums=0).lower(
       state, dataset, jax.random.key(0)).compile()

@@ -265,7 +265,6 @@ def convert_to_workdir(config, torch_checkpoint: str, workdir: str, overwrite: b
   """
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from fewshot_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from fewshot_jax import files  # pylint: disable=g-import-not-at-top
   from fewshot_jax import methods  # pylint: disable=g-import-not-at-top
