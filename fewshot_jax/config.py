@@ -17,13 +17,37 @@ import ml_collections
 
 from fewshot_jax.errors import ConfigError
 
-DATASETS = ("omniglot", "mini_imagenet", "synthetic")
-SCHEMES = {"omniglot": ("vinyals", "lake"), "mini_imagenet": ("ravi",), "synthetic": ("default",)}
+# Pixel mean / std (0..255 units) adopted for the new RGB datasets, pending statistics
+# computed from a real copy's train split (data/sources.channel_stats):
+# CIFAR-100 train (0.5071, 0.4865, 0.4409) / (0.2673, 0.2564, 0.2762) x 255 (CIFAR-FS and
+# FC100 train on subsets of it); ImageNet (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) x 255,
+# the convention for tieredImageNet and CUB.
+CIFAR100_MEAN, CIFAR100_STD = (129.31, 124.06, 112.43), (68.16, 65.38, 70.43)
+IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+# The one table of datasets: split schemes (the first is the default), the folder under
+# $FEWSHOT_DATA_DIR holding our copy (None: generated), image channels, the stored size
+# and (where adopted here) the normalisation statistics apply_dataset sets.
+DATASET_TABLE = {
+    "omniglot": dict(schemes=("vinyals", "lake"), manual_subdir="omniglot", channels=1, image_size=28),
+    "mini_imagenet": dict(schemes=("ravi",), manual_subdir="miniimagenet", channels=3, image_size=84),
+    "synthetic": dict(schemes=("default",), manual_subdir=None, channels=1, image_size=28),
+    "cifar_fs": dict(schemes=("default",), manual_subdir="cifar100", channels=3, image_size=32,
+                 mean=CIFAR100_MEAN, std=CIFAR100_STD),
+    "fc100": dict(schemes=("default",), manual_subdir="cifar100", channels=3, image_size=32,
+              mean=CIFAR100_MEAN, std=CIFAR100_STD),
+    "tiered_imagenet": dict(schemes=("ren",), manual_subdir="tieredimagenet", channels=3, image_size=84,
+                        mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "cub": dict(schemes=("chen",), manual_subdir="cub", channels=3, image_size=84,
+            mean=IMAGENET_MEAN, std=IMAGENET_STD),
+}
+DATASETS = tuple(DATASET_TABLE)
+SCHEMES = {name: row["schemes"] for name, row in DATASET_TABLE.items()}
+CHANNELS = {name: row["channels"] for name, row in DATASET_TABLE.items()}
 # Evaluation protocols (evaluate.py): 'standard' = eval.episodes episodes with
 # eval.queries queries per class, no augmentation; 'reference' = as the LGM-Net
 # code: eval.reference_tasks tasks of ONE query each, training augmentation on.
 PROTOCOLS = ("standard", "reference")
-_MANUAL_SUBDIR = {"omniglot": "omniglot", "mini_imagenet": "miniimagenet", "synthetic": None}
+_MANUAL_SUBDIR = {name: row["manual_subdir"] for name, row in DATASET_TABLE.items()}
 
 
 def default_manual_dir(name: str) -> str | None:
@@ -78,11 +102,11 @@ def apply_dataset(c: ml_collections.ConfigDict, name: str, scheme: str | None = 
   c.data.name = name
   c.data.split = scheme or SCHEMES[name][0]
   c.data.manual_dir = default_manual_dir(name)
-  if name == "mini_imagenet":
-    c.data.image_size = 84
-  else:
-    c.data.image_size = 28
+  c.data.image_size = DATASET_TABLE[name]["image_size"]
+  if CHANNELS[name] == 1:
     c.data.mean, c.data.std = (0.0,), (255.0,)
+  if "mean" in DATASET_TABLE[name]:
+    c.data.mean, c.data.std = DATASET_TABLE[name]["mean"], DATASET_TABLE[name]["std"]
 
 
 def check_preset(preset: str, presets) -> str:

@@ -15,12 +15,14 @@ import zipfile
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from fewshot_jax.data import mini_imagenet, omniglot, synthetic
+from fewshot_jax.config import DATASET_TABLE, DATASETS
+from fewshot_jax.data import cifar, cub, mini_imagenet, omniglot, synthetic, tiered_imagenet
 from fewshot_jax.errors import ConfigError, DataError, FewshotError
 
-DATASETS = ('omniglot', 'mini_imagenet', 'synthetic')
-_MINI_SCHEMES = ('ravi',)
-_SYNTHETIC_SCHEMES = ('default',)
+# Datasets of one scheme and one stored size: the builder class (built with manual_dir).
+_FIXED = {'mini_imagenet': mini_imagenet.FewshotMiniImagenet, 'cifar_fs': cifar.FewshotCifarFS,
+          'fc100': cifar.FewshotFC100, 'tiered_imagenet': tiered_imagenet.FewshotTieredImagenet,
+          'cub': cub.FewshotCub}
 
 
 def make_builder(name: str, *, scheme: str, image_size: int, data_dir,
@@ -28,18 +30,18 @@ def make_builder(name: str, *, scheme: str, image_size: int, data_dir,
   """Validated builder; nothing is read or written until `prepare`.
 
   manual_dir holds the raw files (see each dataset module); synthetic ignores it.
+  Datasets: omniglot, mini_imagenet, synthetic, cifar_fs and fc100 (cifar.py),
+  tiered_imagenet, cub.
   """
   if name == 'omniglot':
     config = omniglot.omniglot_config(scheme, image_size)
     return omniglot.FewshotOmniglot(config=config, data_dir=data_dir, manual_dir=manual_dir)
-  if name == 'mini_imagenet':
-    _check(name, 'scheme', scheme, _MINI_SCHEMES)
-    _check(name, 'image_size', image_size, (mini_imagenet.IMAGE_SIZE,))
-    return mini_imagenet.FewshotMiniImagenet(data_dir=data_dir, manual_dir=manual_dir)
-  if name == 'synthetic':
-    _check(name, 'scheme', scheme, _SYNTHETIC_SCHEMES)
-    _check(name, 'image_size', image_size, (synthetic.IMAGE_SIZE,))
-    return synthetic.FewshotSynthetic(config=synthetic.synthetic_config(), data_dir=data_dir)
+  if name in _FIXED or name == 'synthetic':
+    _check(name, 'scheme', scheme, DATASET_TABLE[name]['schemes'])
+    _check(name, 'image_size', image_size, (DATASET_TABLE[name]['image_size'],))
+    if name == 'synthetic':
+      return synthetic.FewshotSynthetic(config=synthetic.synthetic_config(), data_dir=data_dir)
+    return _FIXED[name](data_dir=data_dir, manual_dir=manual_dir)
   raise ConfigError(f'unknown dataset {name!r}; valid datasets: {", ".join(DATASETS)}')
 
 

@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from fewshot_jax.data import sources
 from fewshot_jax.errors import DataError
 
 SPLITS = ('train', 'val', 'test')
@@ -105,16 +106,8 @@ def image_reader(manual_dir: epath.Path, filenames: list[str]) -> tuple[Callable
 
 
 def decode_image(data: bytes, where: str, size: int = IMAGE_SIZE) -> np.ndarray:
-  """JPEG/PNG bytes -> uint8 [size, size, 3] RGB, resized only when needed."""
-  try:
-    with Image.open(io.BytesIO(data)) as im:
-      im.draft('RGB', (size, size))  # JPEG: decode big images at a reduced scale.
-      rgb = im.convert('RGB')
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise DataError(f'cannot decode miniImageNet image {where}: {e}') from None
-  if rgb.size != (size, size):
-    rgb = rgb.resize((size, size), Image.Resampling.LANCZOS)
-  return np.asarray(rgb)
+  """JPEG/PNG bytes -> uint8 [size, size, 3] RGB, resized (Lanczos) only when needed."""
+  return sources.decode_image(data, f'miniImageNet image {where}', size, Image.Resampling.LANCZOS)
 
 
 class FewshotMiniImagenet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
