@@ -17,7 +17,11 @@ device from the 84x84 copy); pass --config.data.input_size=84 for fast runs.
 
 from fewshot_jax import config as base
 
-PRESETS = ("pretrain", "mini-5w1s", "mini-5w5s")
+PRESETS = ("pretrain", "mini-5w1s", "mini-5w5s", "tiered-pretrain", "tiered-5w1s", "tiered-5w5s",
+           "cub-pretrain", "cub-5w1s", "cub-5w5s")
+# tieredImageNet and CUB (84x84 copies, upsampled to 224 as miniImageNet): the same
+# recipe with their base-class count; stage 1 uses every image of a CUB class.
+_DATASETS = {"mini": ("mini_imagenet", 64, 500), "tiered": ("tiered_imagenet", 351, 500), "cub": ("cub", 100, 1000)}
 _IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0.485, 0.456, 0.406 in 0..255 units
 _IMAGENET_STD = (58.395, 57.12, 57.375)  # 0.229, 0.224, 0.225
 
@@ -25,21 +29,24 @@ _IMAGENET_STD = (58.395, 57.12, 57.375)  # 0.229, 0.224, 0.225
 def get_config(preset: str = "mini-5w1s"):
   preset = base.check_preset(preset, PRESETS)
   c = base.base_config()
-  base.apply_dataset(c, "mini_imagenet")
+  dataset, num_classes, images_per_class = _DATASETS[preset.split("-")[0] if "-" in preset else "mini"]
+  base.apply_dataset(c, dataset)
+  if dataset == "tiered_imagenet":
+    c.data.placement = "sharded"
   c.data.update(mean=_IMAGENET_MEAN, std=_IMAGENET_STD, input_size=224)
   c.model.update(backbone="resnet18", remat=False)
   c.eval.update(queries=15, episodes=600, val_episodes=200, tasks=4)
-  if preset == "pretrain":
-    c.method.update(name="idemenet_pretrain", batch_size=128, images_per_class=500, mix_prob=2 / 3, grid=3,
-                    flip_prob=0.5, crop_scale=(0.08, 1.0), num_classes=64)
+  if preset.endswith("pretrain"):
+    c.method.update(name="idemenet_pretrain", batch_size=128, images_per_class=images_per_class, mix_prob=2 / 3,
+                    grid=3, flip_prob=0.5, crop_scale=(0.08, 1.0), num_classes=num_classes)
     c.episode.update(ways=5, shots=1, queries=15, tasks=1)  # validation episodes (prototype accuracy of E)
     c.train.update(optimizer="adam", lr=1e-3, schedule="step", decay_every=5000, decay_factor=0.5,
                    steps=17500, eval_every=500, log_every=100, steps_per_call=10)
     return c
-  shots = 1 if preset == "mini-5w1s" else 5
+  shots = 1 if preset.endswith("5w1s") else 5
   c.method.update(
       name="idemenet", grid=3, augnum=5, choose_num=30, gallery_per_class=30, gallery_seed=0,
-      num_classes=64, probe_flip=0.5,
+      num_classes=num_classes, probe_flip=0.5,
       pretrained="",  # workdir of the stage-1 run (or of --mode=convert)
       fix_embedding=True, fix_deformation=False,  # round 1 of the published recipe
       lr_deformation=1e-3, lr_scale=1e-3, lr_embedding=1e-4, lr_fc=1e-3,

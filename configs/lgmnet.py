@@ -17,7 +17,12 @@ class, 4 tasks per meta-batch, cosine temperature 10 (see below).
 from fewshot_jax import config as base
 
 PRESETS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s",
-           "mini-5w1s", "mini-5w5s", "synthetic")
+           "mini-5w1s", "mini-5w5s", "cifarfs-5w1s", "cifarfs-5w5s", "fc100-5w1s", "fc100-5w5s",
+           "fc100-20w1s", "fc100-20w5s", "tiered-5w1s", "tiered-5w5s", "cub-5w1s", "cub-5w5s", "synthetic")
+# CIFAR-FS, FC100 (the four tasks of the PyTorch port), tieredImageNet and CUB train
+# with the miniImageNet recipe and their own RGB mean / std (config.DATASET_TABLE).
+_RGB_DATASETS = {"mini": "mini_imagenet", "cifarfs": "cifar_fs", "fc100": "fc100", "tiered": "tiered_imagenet",
+                 "cub": "cub"}
 
 
 def get_config(preset: str = "synthetic"):
@@ -70,7 +75,10 @@ def get_config(preset: str = "synthetic"):
     c.train.update(steps=3500, eval_every=500, log_every=100)
     c.eval.update(val_episodes=300)
   else:
-    base.apply_dataset(c, "mini_imagenet")
-    c.data.update(mean=(113.77,), std=(70.19,))
+    base.apply_dataset(c, _RGB_DATASETS[dataset])
+    if dataset == "mini":
+      c.data.update(mean=(113.77,), std=(70.19,))
+    if dataset == "tiered":
+      c.data.placement = "sharded"  # the ~9.5 GB train split: 1/D per device (README)
     c.augment.class_rotations = (-45.0, -11.25, 0.0, 11.25, 45.0)
   return c

@@ -3,12 +3,19 @@
 Omniglot follows Snell et al.: 60-way training episodes (episode.train_ways),
 5 queries, Adam 1e-3 halved every 2000 episodes; the same model is evaluated at
 5 or 20 ways. miniImageNet: 30-way (1-shot) / 20-way (5-shot) training, 15 queries.
+CIFAR-FS, FC100 (32x32), tieredImageNet and CUB (84x84) use the miniImageNet recipe
+with their own data.mean / data.std (config.DATASET_TABLE); tieredImageNet's
+train split (~9.5 GB) is sharded over the devices (data.placement, README).
 """
 
 from fewshot_jax import config as base
 
 PRESETS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s",
-           "mini-5w1s", "mini-5w5s", "synthetic")
+           "mini-5w1s", "mini-5w5s", "cifarfs-5w1s", "cifarfs-5w5s", "fc100-5w1s", "fc100-5w5s",
+           "tiered-5w1s", "tiered-5w5s", "cub-5w1s", "cub-5w5s", "synthetic")
+# Preset prefix -> data.name of the datasets trained with the miniImageNet recipe.
+RGB_DATASETS = {"mini": "mini_imagenet", "cifarfs": "cifar_fs", "fc100": "fc100", "tiered": "tiered_imagenet",
+                "cub": "cub"}
 
 
 def get_config(preset: str = "synthetic"):
@@ -31,8 +38,11 @@ def get_config(preset: str = "synthetic"):
     c.train.update(steps=3500, eval_every=500, log_every=100, decay_every=1500)
     c.eval.update(val_episodes=300)
   else:
-    base.apply_dataset(c, "mini_imagenet")
-    c.data.update(mean=(120.39, 115.59, 104.54), std=(70.68, 68.42, 72.50))
+    base.apply_dataset(c, RGB_DATASETS[dataset])
+    if dataset == "mini":
+      c.data.update(mean=(120.39, 115.59, 104.54), std=(70.68, 68.42, 72.50))
+    if dataset == "tiered":
+      c.data.placement = "sharded"  # one device: the whole split; D devices: 1/D each
     c.episode.update(queries=15, tasks=1, train_ways=30 if shots == 1 else 20)
     c.train.update(steps=30000, eval_every=1000, log_every=200, decay_every=2000)
   return c
