@@ -174,6 +174,12 @@ def test_errors_name_the_bad_file(fixtures, tmp_path):
   (tiered / 'val_labels.pkl').symlink_to(fixtures['tiered'] / 'test_labels.pkl')
   with pytest.raises(DataError, match=f'{tiered / "val_labels.pkl"}.*160 classes.*97'):
     tiered_imagenet.read_labels(tiered / 'val_labels.pkl', 'val')
+  # Only the decompressed .npz cache: named, with what is expected instead.
+  npz = tmp_path / 'tiered_npz'
+  npz.mkdir()
+  (npz / 'train_images.npz').write_bytes(b'')
+  with pytest.raises(DataError, match='images.npz.*_images_png.pkl'):
+    prepare(_builder('tiered_imagenet', tmp_path / 't5', npz))
   # A CUB classes.txt that does not match the packaged list.
   broken = ff.write_cub(tmp_path / 'cub_renamed', 1)
   classes = broken / 'CUB_200_2011' / 'classes.txt'

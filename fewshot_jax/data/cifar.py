@@ -16,7 +16,6 @@ Each class list line `superclass,class` is checked against the meta file: a name
 it lacks, or a class under another superclass, is one DataError naming both files.
 """
 
-import dataclasses
 import io
 import pickle
 import tarfile
@@ -35,12 +34,6 @@ FILES = ('train', 'test', 'meta')
 IMAGE_SIZE = 32
 IMAGES_PER_CLASS = 600
 SPLIT_CLASSES = {'cifar_fs': (64, 16, 20), 'fc100': (60, 20, 20)}
-
-
-@dataclasses.dataclass(eq=False)
-class CifarConfig(tfds.core.BuilderConfig):
-  scheme: str = 'default'
-  image_size: int = IMAGE_SIZE
 
 
 def _normalise(obj):
@@ -135,7 +128,8 @@ class _FewshotCifar(sources.ImageBuilder, skip_registration=True):
   code_path = epath.Path(__file__)
   HOMEPAGE = 'https://www.cs.toronto.edu/~kriz/cifar.html'
   IMAGE_SIZE = IMAGE_SIZE
-  BUILDER_CONFIGS = [CifarConfig(name=f'default-{IMAGE_SIZE}', description='32x32 RGB')]
+  BUILDER_CONFIGS = [sources.ImageConfig(name=f'default-{IMAGE_SIZE}', scheme='default', image_size=IMAGE_SIZE,
+                                         description='32x32 RGB')]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (f'Put {ARCHIVE} (or its extracted {FOLDER}/ folder) in manual_dir, or '
                                   'allow network access to download it.')
 

@@ -17,7 +17,6 @@ Each image is resized whole (no crop) to 84x84, bicubic; labels are global in li
 order (train 0..99, val 100..149, test 150..199).
 """
 
-import dataclasses
 import posixpath
 import tarfile
 
@@ -32,12 +31,6 @@ ARCHIVE = 'CUB_200_2011.tgz'
 FOLDER = 'CUB_200_2011'
 META_FILES = ('classes.txt', 'images.txt', 'image_class_labels.txt')
 SPLIT_CLASSES = {'train': 100, 'val': 50, 'test': 50}
-
-
-@dataclasses.dataclass(eq=False)
-class CubConfig(tfds.core.BuilderConfig):
-  scheme: str = 'chen'
-  image_size: int = IMAGE_SIZE
 
 
 def class_names() -> list[str]:
@@ -95,7 +88,8 @@ class FewshotCub(sources.ImageBuilder, skip_registration=True):
   DESCRIPTION = 'CUB-200-2011 birds, few-shot split of Chen et al. 2019.'
   HOMEPAGE = 'https://www.vision.caltech.edu/datasets/cub_200_2011/'
   IMAGE_SIZE = IMAGE_SIZE
-  BUILDER_CONFIGS = [CubConfig(name=f'chen-{IMAGE_SIZE}', description='Chen et al. 2019 class split')]
+  BUILDER_CONFIGS = [sources.ImageConfig(name=f'chen-{IMAGE_SIZE}', scheme='chen', image_size=IMAGE_SIZE,
+                                         description='Chen et al. 2019 class split')]
   MANUAL_DOWNLOAD_INSTRUCTIONS = f'Put {ARCHIVE} (or its extracted {FOLDER}/ folder) in manual_dir.'
 
   def _label_feature(self):

@@ -14,6 +14,7 @@
 
 import collections.abc
 import contextlib
+import dataclasses
 import importlib.resources
 import io
 import os
@@ -233,6 +234,13 @@ def _spooled_writes():
     yield
   finally:
     shuffle.Shuffler = original
+
+
+@dataclasses.dataclass(eq=False)
+class ImageConfig(tfds.core.BuilderConfig):
+  """The builders' one config: a split scheme at a stored size (the name keys the cache)."""
+  scheme: str = 'default'
+  image_size: int = 84
 
 
 class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):

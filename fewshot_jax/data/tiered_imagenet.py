@@ -14,6 +14,8 @@ manual_dir holds one of:
   2. An ImageNet-style folder `train/<wnid>/*.JPEG` (the ILSVRC-12 train set)
      holding the 608 class folders of the lists: each image is resized, whole,
      to 84x84 (bicubic; Ren et al. resize with cv2 INTER_CUBIC, no crop).
+The `{split}_images.npz` files some copies hold (the authors' code decompresses
+the pickles into them, in OpenCV's BGR order) are not read: an error says so.
 
 Labels are global: train 0..350, val 351..447, test 448..607. From the pickles a
 label is the split offset + `label_specific`; from a folder, the split offset +
@@ -22,7 +24,6 @@ writes through `sources.StreamingWriteMixin`, so host memory does not grow
 with the dataset (benchmarks/prepare_tiered.py measures it).
 """
 
-import dataclasses
 import os
 import pickle
 import re
@@ -41,12 +42,6 @@ NUM_CLASSES = sum(SPLIT_CLASSES.values())
 LABEL_KEYS = ('label_specific', 'label_general', 'label_specific_str', 'label_general_str')
 _WNID = re.compile(r'^n\d{8}$')
 _IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png')
-
-
-@dataclasses.dataclass(eq=False)
-class TieredConfig(tfds.core.BuilderConfig):
-  scheme: str = 'ren'
-  image_size: int = IMAGE_SIZE
 
 
 def class_lists() -> dict[str, list[tuple[str, str]]]:
@@ -108,7 +103,8 @@ class FewshotTieredImagenet(sources.ImageBuilder, skip_registration=True):
   DESCRIPTION = 'tieredImageNet (Ren et al. 2018), split by category.'
   HOMEPAGE = 'https://github.com/renmengye/few-shot-ssl-public'
   IMAGE_SIZE = IMAGE_SIZE
-  BUILDER_CONFIGS = [TieredConfig(name=f'ren-{IMAGE_SIZE}', description='Ren et al. category split')]
+  BUILDER_CONFIGS = [sources.ImageConfig(name=f'ren-{IMAGE_SIZE}', scheme='ren', image_size=IMAGE_SIZE,
+                                         description='Ren et al. category split')]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Put {train,val,test}_images_png.pkl and {train,val,test}_labels.pkl (the authors\' distribution), '
       'or the ILSVRC-12 train folder as train/<wnid>/*.JPEG, in manual_dir.')
@@ -140,6 +136,9 @@ class FewshotTieredImagenet(sources.ImageBuilder, skip_registration=True):
       files = {split: self._list_folder(manual / 'train', lists[split]) for split in sources.SPLITS}
       return {split: self._generate_examples(self._from_folder(files[split], int(offsets[split])))
               for split in sources.SPLITS}
+    if any((manual / f'{split}_images.npz').exists() for split in sources.SPLITS):
+      raise DataError(f'tieredImageNet manual_dir {manual} holds {{split}}_images.npz, the decompressed cache '
+                      f"of the authors' code (BGR, not read here); expected {expected}")
     raise DataError(f'tieredImageNet manual_dir {manual} holds neither layout; expected {expected}')
 
   def _from_pickle(self, path: epath.Path, specific: np.ndarray, offset: int):
