@@ -1,13 +1,13 @@
 """LGM-Net presets: `--config=configs/lgmnet.py:<preset>`.
 
-miniImageNet as the authors' TF code trains: meta-batches of 32 tasks, Adam
-1e-3 divided by 1.11111 every 1500 steps down to 1e-6, 120 epochs x 1000
-steps, every class of a task rotated by one angle from class_rotations
-(training augmentation; evaluation applies it only under
-eval.protocol='reference'), pixels normalised with one scalar mean / std
-(113.77 / 70.19). episode.queries counts queries per CLASS: 1 gives 5 per
-5-way task, where the reference draws one query per task. Evaluation uses 15
-queries per class (eval.queries) under the standard protocol.
+miniImageNet as the authors' TF code trains: meta-batches of 32 tasks of ONE
+query each, of a class drawn uniformly (episode.query_sampling='per_task'),
+Adam 1e-3 divided by 1.11111 every 1500 steps down to 1e-6, 120 epochs x 1000
+steps, every class of a task rotated by one angle from class_rotations with
+scipy's cubic, edge-replicating rotation (training augmentation; evaluation
+applies it only under eval.protocol='reference'), pixels normalised with one
+scalar mean / std (113.77 / 70.19). Evaluation uses 15 queries per class
+(eval.queries) under the standard protocol.
 
 Omniglot (28x28: Extractor 28 -> 14 -> 7 -> 4, TargetNet 4 -> 2, 256-d
 embedding) is sized for the 2-core CPU: 20-way training tasks, 5 queries per
@@ -38,6 +38,9 @@ def get_config(preset: str = "synthetic"):
       target_features=(64, 64),  # TargetNet: output channels of each generated conv
       target_kernel=3,
       l2_eps=1e-12,  # generated filters: w / sqrt(max(sum w^2, l2_eps)) (tf.nn.l2_normalize)
+      # Generated kernel read as (kh, kw, C_in, N) ('hwio') or, as the TF code's
+      # axis-reversing tf.transpose, (kw, kh, C_in, N) ('tf': for the authors' weights).
+      kernel_layout="hwio",
       bn_momentum=0.99,  # reference BatchNorm decay (Extractor and context encoder)
       bn_epsilon=1e-3,  # tf.contrib.layers.batch_norm default
       dropout_rate=0.0,  # after Extractor block 1; keep probability 1.0 in the published runs
@@ -80,5 +83,7 @@ def get_config(preset: str = "synthetic"):
       c.data.update(mean=(113.77,), std=(70.19,))
     if dataset == "tiered":
       c.data.placement = "sharded"  # the ~9.5 GB train split: 1/D per device (README)
-    c.augment.class_rotations = (-45.0, -11.25, 0.0, 11.25, 45.0)
+    c.episode.query_sampling = "per_task"  # queries=1: one query per task, as the reference
+    c.augment.update(class_rotations=(-45.0, -11.25, 0.0, 11.25, 45.0), rotation_order=3,
+                     rotation_mode="nearest")
   return c

@@ -177,8 +177,12 @@ def abstract_like(state, target_sharding):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target_sharding), state)
 
 
-def load_for_eval(config, workdir, mesh, which: str):
-  """Restores params and model state of the best (or latest) checkpoint in workdir."""
+def load_for_eval(config, workdir, mesh, which: str, step: int | None = None):
+  """Restores params and model state of the best (or latest) checkpoint in workdir.
+
+  `step`: a retained step of the latest manager instead (which='latest'), for
+  curves over a run's checkpoints.
+  """
   method = methods.build(config)
   tx = state_lib.optimizer_for(method, config)
   example = state_lib.train_example(method, config)
@@ -189,7 +193,11 @@ def load_for_eval(config, workdir, mesh, which: str):
                           f"train first with --mode=train")
   ckpt = Checkpoints(workdir, config.train.keep_checkpoints)
   manager = ckpt.best if which == "best" else ckpt.latest
-  step = manager.best_step() if which == "best" else manager.latest_step()
+  if step is None:
+    step = manager.best_step() if which == "best" else manager.latest_step()
+  elif which != "latest" or step not in manager.all_steps():
+    raise CheckpointError(f"step {step} is not a retained checkpoint of {root}; "
+                          f"retained: {sorted(manager.all_steps())}")
   if step is None:
     raise CheckpointError(f"no {which} checkpoint in {root}; train first with --mode=train")
   state = restore(manager, abstract_like(abstract, sharding.replicated(mesh)), config, step)

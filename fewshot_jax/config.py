@@ -71,14 +71,27 @@ def base_config() -> ml_collections.ConfigDict:
       name="synthetic", split="default", manual_dir=ml_collections.FieldReference(None, field_type=str),
       data_dir=default_data_dir(), image_size=28, input_size=0, mean=(0.0,), std=(255.0,),
       train_split="train", val_split="val",
+      # Fraction of the image kept around its centre before resizing to the input
+      # size (augment.resize): 0.875 is Resize 256 + CenterCrop 224; 1 the whole image.
+      center_crop=1.0,
       # 'replicated': every device holds the whole split; 'sharded': each holds 1/D
       # of the images (splits larger than one device) and an episode's images are
       # gathered from their owners inside the step (data/episodes.take_images).
       placement="replicated"))
-  c.augment = ml_collections.ConfigDict(dict(flip_prob=0.0, class_rotations=()))
+  # class_rotations: one angle per class of a task, drawn from this list. The
+  # rotation is scipy.ndimage.rotate(reshape=False, mode='nearest') as the LGM-Net
+  # code (rotation_order 3: cubic spline; edge pixels replicated); order 1 with
+  # rotation_mode 'constant' is the bilinear zero-fill rotation, whose blank corners give the angle away.
+  c.augment = ml_collections.ConfigDict(dict(flip_prob=0.0, class_rotations=(), rotation_order=3,
+                                             rotation_mode="nearest"))
   # episode.* is the task trained on and evaluated; train_ways (0 = ways) trains
-  # on higher-way episodes, as Snell et al. do on Omniglot.
-  c.episode = ml_collections.ConfigDict(dict(ways=5, shots=1, queries=5, tasks=1, train_ways=0))
+  # on higher-way episodes, as Snell et al. do on Omniglot. query_sampling
+  # 'per_class': `queries` queries of every class; 'per_task': `queries` per task,
+  # each of a class drawn uniformly (the LGM-Net code trains on one per task).
+  # disjoint_queries=False draws queries independently of the supports (a query may
+  # repeat a support image), as the IDeMe-Net code does, in training and evaluation.
+  c.episode = ml_collections.ConfigDict(dict(ways=5, shots=1, queries=5, tasks=1, train_ways=0,
+                                             query_sampling="per_class", disjoint_queries=True))
   # train.checkpoint_every: the latest checkpoint's own cadence (it is also
   # written at every validation and when SIGTERM / SIGINT stop the run).
   # train.nonfinite: 'stop' the run at a non-finite loss or gradient (keeping the
@@ -109,6 +122,19 @@ def apply_dataset(c: ml_collections.ConfigDict, name: str, scheme: str | None = 
     c.data.mean, c.data.std = DATASET_TABLE[name]["mean"], DATASET_TABLE[name]["std"]
 
 
+def fill_missing(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` (e.g. a workdir's config.json) with every key it predates taken from `defaults`."""
+  with config.unlocked():
+    for section, values in defaults.items():
+      if section not in config:
+        config[section] = values
+        continue
+      for key, value in values.items():
+        if key not in config[section]:
+          config[section][key] = value
+  return config
+
+
 def check_preset(preset: str, presets) -> str:
   if preset not in presets:
     raise ConfigError(f"preset {preset!r} is unknown; valid presets: {sorted(presets)}")
@@ -132,6 +158,15 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key, value in positive.items():
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"{key}={value!r} must be a positive integer")
+  if c.episode.query_sampling not in QUERY_SAMPLING:
+    raise ConfigError(f"episode.query_sampling={c.episode.query_sampling!r} is unknown; "
+                      f"valid: {list(QUERY_SAMPLING)}")
+  if not 0.0 < c.data.center_crop <= 1.0:
+    raise ConfigError(f"data.center_crop={c.data.center_crop} must lie in (0, 1] (the kept fraction of the image)")
+  rotation = (c.augment.rotation_order, c.augment.rotation_mode)
+  if rotation not in ROTATIONS:
+    raise ConfigError(f"augment.rotation_order, augment.rotation_mode = {rotation!r} is not supported; "
+                      f"valid: {list(ROTATIONS)}")
   if c.data.placement not in PLACEMENTS:
     raise ConfigError(f"data.placement={c.data.placement!r} is unknown; valid: {list(PLACEMENTS)}")
   if c.train.loop not in LOOPS:
@@ -154,6 +189,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 LOOPS = ("auto", "scan", "python")
+QUERY_SAMPLING = ("per_class", "per_task")
+# (order, mode) of augment.rotate: scipy's cubic spline with edge replication
+# (the LGM-Net code), bilinear with edge replication, bilinear with zero fill.
+ROTATIONS = ((3, "nearest"), (1, "nearest"), (1, "constant"))
 NONFINITE = ("stop", "skip")
 # Keys a resumed run may change without train.allow_config_change: run length,
 # cadences, paths, data placement and evaluation (a prefix ending in '.' covers a section).

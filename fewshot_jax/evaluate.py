@@ -76,21 +76,15 @@ class Evaluator:
     batch_sharding = sharding.task_sharded(mesh)
     aug = augment_lib.from_config(config, ways, training=reference)
     sample_key, predict_key = jax.random.split(jax.random.key(config.eval.seed))
-    sampling = dict(ways=ways, shots=shots, queries=queries, augment=aug)
-
-    def one_query(key, episode):
-      """Keeps one query per task, chosen uniformly (the reference protocol)."""
-      pick = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (1,), 0, ways))(key)
-      take = lambda x: jnp.take_along_axis(x, pick.reshape(pick.shape + (1,) * (x.ndim - 2)), axis=1)
-      return episode.replace(query=take(episode.query), query_labels=take(episode.query_labels))
+    sampling = dict(ways=ways, shots=shots, queries=queries, augment=aug,
+                    query_sampling="per_task" if reference else "per_class",
+                    disjoint=config.episode.disjoint_queries)
 
     @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))  # readable by every process
     def batch_accuracy(params, model_state, dataset, start):
       ids = start + jnp.arange(self.tasks)
       task_keys = jax.vmap(lambda i: jax.random.fold_in(sample_key, i))(ids)
       episode = episodes.sample_tasks(task_keys, dataset, **sampling)
-      if reference:
-        episode = one_query(task_keys, episode)
       episode = jax.lax.with_sharding_constraint(episode, batch_sharding)
       logits = _modes(method, params, model_state, episode, jax.random.fold_in(predict_key, start))
       return {m: jnp.mean(jnp.argmax(l, -1) == episode.query_labels, axis=-1) for m, l in logits.items()}
@@ -132,7 +126,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             **evaluator.run(state.params, state.model_state), "step": int(state.step),
             "checkpoint": config.eval.checkpoint}
   if getattr(method, "deform", None) is not None:
-    result["figure"] = write_deformation_figure(method, state, config, evaluator, workdir)
+    result["figure"], result["patch_weight_mean"] = write_deformation_figure(method, state, config, evaluator,
+                                                                             workdir)
   if not multihost.is_main():
     return result
   path = os.path.join(workdir, f"eval_{config.eval.split}.json")
@@ -153,8 +148,10 @@ def result_key(result: dict) -> str:
           f"{result['checkpoint']}")
 
 
-def write_deformation_figure(method, state, config, evaluator: Evaluator, workdir: str, rows: int = 12) -> str:
-  """PNG of (probe, gallery, patch weights, deformed) for the first evaluation episodes.
+def write_deformation_figure(method, state, config, evaluator: Evaluator, workdir: str,
+                             rows: int = 12) -> tuple[str, float]:
+  """PNG of (probe, gallery, patch weights, deformed) for the first evaluation episodes, and the
+  mean patch weight of D over all their deformed copies (eval.tasks episodes x supports x augnum).
 
   The episodes are the evaluator's first ones (standard protocol sampling), so
   the figure of every checkpoint shows the same supports.
@@ -174,10 +171,11 @@ def write_deformation_figure(method, state, config, evaluator: Evaluator, workdi
       figure_data(state.params, state.model_state, evaluator.dataset))
   take = lambda x: x[:, :, 0].reshape((-1,) + x.shape[3:])[:rows]  # first copy of each support
   path = os.path.join(workdir, f"deformations_{config.eval.split}.png")
+  mean_weight = float(np.mean(weights))
   if not multihost.is_main():  # every process computed the figure's episodes; process 0 draws it
-    return path
+    return path, mean_weight
   figures.deformation_grid(path, take(probe), take(gallery), take(weights), take(deformed),
                            mean=config.data.mean, std=config.data.std, grid=config.method.grid,
                            max_rows=rows, title=f"{config.method.name} step {int(state.step)}, "
                                                 f"{config.eval.split} episodes")
-  return path
+  return path, mean_weight

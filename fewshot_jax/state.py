@@ -77,7 +77,7 @@ def train_example(method, config: ml_collections.ConfigDict):
     return method.train_example()
   return episodes.episode_shapes(config_lib.train_ways(config), config.episode.shots,
                                  config.episode.queries, config.episode.tasks,
-                                 input_pipeline.input_shape(config))
+                                 input_pipeline.input_shape(config), config.episode.query_sampling)
 
 
 def images_per_task(example, tasks: int) -> float:

@@ -51,7 +51,8 @@ def make_step(method, tx, config, mesh) -> Callable:
   ways = config_lib.train_ways(config)
   aug = augment_lib.from_config(config, ways)
   sampling = dict(tasks=config.episode.tasks, ways=ways, shots=config.episode.shots,
-                  queries=config.episode.queries, augment=aug)
+                  queries=config.episode.queries, augment=aug, query_sampling=config.episode.query_sampling,
+                  disjoint=config.episode.disjoint_queries)
   batch_sharding = sharding.task_sharded(mesh)
   skip_nonfinite = config.train.nonfinite == "skip"
 

@@ -191,6 +191,7 @@ def test_deformed_images_are_the_patchwise_fusion_of_probe_and_candidate():
                                                    config.method.choose_num))
     for si in range(s):
       allowed = gal[cands[int(ep.support_labels[task, si])]]
+      allowed = np.concatenate([allowed, allowed[:, :, ::-1]])  # method.gallery_flip
       for ai in range(a):
         assert np.any(np.all(np.isclose(allowed, gallery[task, si, ai], atol=1e-5), axis=(1, 2, 3)))
 
@@ -229,8 +230,23 @@ def test_two_stages_on_real_mini_imagenet(make_config, tmp_path):
     assert json.load(f)[evaluate.result_key(result)]["modes"] == result["modes"]
   with Image.open(result["figure"]) as image:
     assert image.size[0] > 4 * 32 and image.size[1] > 32
-  # A stage-2 workdir is not a stage-1 checkpoint: a clear error, not a crash.
-  from fewshot_jax.errors import CheckpointError
-  bad = make_config("idemenet", "mini-5w1s", **small, **{"method.pretrained": str(tmp_path / "stage2")})
-  with pytest.raises(CheckpointError, match="not a stage-1"):
-    train_lib.train_and_evaluate(bad, str(tmp_path / "stage2b"))
+  # Round 2 of the published recipe: a stage-2 workdir as method.pretrained gives its D, E, fc and
+  # scale (and with gallery_bn='eval' E's statistics unchanged); D must then be fixed.
+  from fewshot_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from fewshot_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from fewshot_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  round2 = make_config("idemenet", "mini-5w1s", **small, **{
+      "method.pretrained": str(tmp_path / "stage2"), "method.augnum": 2, "method.fix_deformation": True,
+      "method.fix_embedding": False, "method.gallery_bn": "eval"})
+  method2 = methods.build(round2)
+  example = state_lib.train_example(method2, round2)
+  variables = method2.init(jax.random.key(9), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example))
+  loaded = method2.setup(variables, input_pipeline.load(round2, "train"))
+  _, saved = checkpoint.load_for_eval(stage2, str(tmp_path / "stage2"), sharding.make_mesh(), "best")
+  for got, want in ((loaded["params"], saved.params), (loaded["batch_stats"], saved.model_state["batch_stats"])):
+    assert jax.tree.all(jax.tree.map(np.array_equal, got, want))
+  stage1_d = make_config("idemenet", "mini-5w1s", **small, **{
+      "method.pretrained": str(tmp_path / "stage1"), "method.fix_deformation": True,
+      "method.fix_embedding": False})
+  with pytest.raises(ConfigError, match="no trained D"):
+    train_lib.train_and_evaluate(stage1_d, str(tmp_path / "random_d"))

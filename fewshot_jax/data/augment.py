@@ -11,6 +11,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from fewshot_jax.errors import ConfigError
 from fewshot_jax.models import deformation
@@ -23,16 +24,94 @@ def normalise(images: jax.Array, mean, std) -> jax.Array:
   return (images.astype(jnp.float32) - mean) / std
 
 
-def resize(images: jax.Array, size: int) -> jax.Array:
-  """Bilinear (antialiased when shrinking) resize of [..., H, W, C] to size x size."""
-  if images.shape[-3:-1] == (size, size):
-    return images
-  shape = images.shape[:-3] + (size, size, images.shape[-1])
-  return jax.image.resize(images, shape, method="linear", antialias=True)
+def resize(images: jax.Array, size: int, center_crop: float = 1.0) -> jax.Array:
+  """Bilinear (antialiased when shrinking) resize of square [..., H, W, C] images to size x size.
+
+  center_crop < 1 keeps the central fraction of the image: torchvision's
+  Resize(round(size / center_crop)) + CenterCrop(size) (0.875: Resize 256 +
+  CenterCrop 224, the IDeMe-Net code's test transform), one resampling.
+  """
+  if center_crop == 1.0:
+    if images.shape[-3:-1] == (size, size):
+      return images
+    shape = images.shape[:-3] + (size, size, images.shape[-1])
+    return jax.image.resize(images, shape, method="linear", antialias=True)
+  full = int(round(size / center_crop))
+  scale = full / images.shape[-2]
+  offset = -float(int(round((full - size) / 2.0)))  # torchvision CenterCrop's top / left
+  lead = images.ndim - 3
+  return jax.image.scale_and_translate(
+      images.astype(jnp.float32), images.shape[:-3] + (size, size, images.shape[-1]),
+      (lead, lead + 1), jnp.array([scale, scale]), jnp.array([offset, offset]), method="linear", antialias=True)
 
 
-def rotate(image: jax.Array, degrees: jax.Array, fill: float = 0.0) -> jax.Array:
-  """Rotates one [H, W, C] image counterclockwise about its centre (bilinear, constant fill)."""
+ROTATION_ORDERS = (1, 3)
+ROTATION_MODES = ("nearest", "constant")
+_SPLINE_PAD = 12  # scipy.ndimage pads by 12 samples before its spline prefilter for mode='nearest'
+
+
+@functools.lru_cache(maxsize=None)
+def _prefilter_matrix(n: int) -> np.ndarray:
+  """[n, n] linear map from samples to cubic B-spline coefficients (mirror boundary).
+
+  Interpolation by a cubic B-spline asks c[i-1] / 6 + 2 c[i] / 3 + c[i+1] / 6 = x[i];
+  solving it is the recursive filter scipy.ndimage runs, written as a matrix so
+  it is two small matmuls on the device. The boundary rule only reaches
+  0.268^k samples in, and the signal it sees is edge-padded by _SPLINE_PAD.
+  """
+  a = np.zeros((n, n))
+  idx = np.arange(n)
+  a[idx, idx] = 4 / 6
+  a[idx[1:], idx[:-1]] = 1 / 6
+  a[idx[:-1], idx[1:]] = 1 / 6
+  a[0, 1] = a[-1, -2] = 2 / 6  # mirror: c[-1] = c[1], c[n] = c[n-2]
+  return np.linalg.inv(a).astype(np.float32)
+
+
+def _cubic_weights(t):
+  """Cubic B-spline weights of the four taps floor(x) - 1 .. floor(x) + 2, t = x - floor(x)."""
+  return jnp.stack([(1 - t) ** 3 / 6, (3 * t ** 3 - 6 * t ** 2 + 4) / 6,
+                    (-3 * t ** 3 + 3 * t ** 2 + 3 * t + 1) / 6, t ** 3 / 6])
+
+
+def _spline_nearest(image, src_y, src_x):
+  """scipy.ndimage.map_coordinates(order=3, mode='nearest') of one [H, W, C] image.
+
+  As scipy: the image is edge-padded by 12 samples, prefiltered, and coordinates
+  are clamped to the padded grid, so points outside the image take edge values.
+  """
+  h, w = image.shape[:2]
+  p = _SPLINE_PAD
+  padded = jnp.pad(image, ((p, p), (p, p), (0, 0)), mode="edge")
+  hi = jax.lax.Precision.HIGHEST
+  coef = jnp.einsum("ij,jkc->ikc", _prefilter_matrix(h + 2 * p), padded, precision=hi)
+  coef = jnp.einsum("lk,ikc->ilc", _prefilter_matrix(w + 2 * p), coef, precision=hi)
+  y = jnp.clip(src_y + p, 0, h + 2 * p - 1)
+  x = jnp.clip(src_x + p, 0, w + 2 * p - 1)
+  y0, x0 = jnp.floor(y), jnp.floor(x)
+  wy, wx = _cubic_weights(y - y0), _cubic_weights(x - x0)  # [4, H, W]
+  out = jnp.zeros_like(image)
+  for a in range(4):
+    rows = jnp.clip(y0.astype(jnp.int32) + a - 1, 0, h + 2 * p - 1)
+    for b in range(4):
+      cols = jnp.clip(x0.astype(jnp.int32) + b - 1, 0, w + 2 * p - 1)
+      out = out + (wy[a] * wx[b])[..., None] * coef[rows, cols]
+  return out
+
+
+def rotate(image: jax.Array, degrees: jax.Array, order: int = 3, mode: str = "nearest",
+           fill: float = 0.0) -> jax.Array:
+  """Rotates one [H, W, C] image counterclockwise about its centre, keeping its shape.
+
+  order=3, mode='nearest' is scipy.ndimage.rotate(image, degrees, reshape=False,
+  mode='nearest') (its defaults: cubic spline, prefiltered), what the LGM-Net
+  code uses: edge pixels are replicated, so no corner is blank. order=1 is
+  bilinear; mode='constant' fills outside the image with `fill` (blank
+  corners that reveal the angle: README, "Faithful to the originals").
+  """
+  if order not in ROTATION_ORDERS or mode not in ROTATION_MODES or (order == 3 and mode != "nearest"):
+    raise ConfigError(f"rotation order={order!r}, mode={mode!r} is not supported; valid: order 3 with "
+                      "mode 'nearest' (scipy's, the reference), order 1 with 'nearest' or 'constant'")
   h, w = image.shape[:2]
   theta = jnp.deg2rad(degrees)
   cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
@@ -41,8 +120,11 @@ def rotate(image: jax.Array, degrees: jax.Array, fill: float = 0.0) -> jax.Array
   dy, dx = yy - cy, xx - cx
   src_y = cy + jnp.cos(theta) * dy + jnp.sin(theta) * dx
   src_x = cx - jnp.sin(theta) * dy + jnp.cos(theta) * dx
+  image = image.astype(jnp.float32)
+  if order == 3:
+    return _spline_nearest(image, src_y, src_x)
   channels = [
-      jax.scipy.ndimage.map_coordinates(image[..., c], [src_y, src_x], order=1, mode="constant", cval=fill)
+      jax.scipy.ndimage.map_coordinates(image[..., c], [src_y, src_x], order=1, mode=mode, cval=fill)
       for c in range(image.shape[-1])
   ]
   return jnp.stack(channels, axis=-1)
@@ -55,19 +137,20 @@ def flip(key, images: jax.Array, prob: float) -> jax.Array:
 
 
 def task_augment(key, support, support_labels, query, query_labels, *, mean, std, size: int,
-                 flip_prob: float = 0.0, class_rotations: Sequence[float] = (), ways: int | None = None):
+                 flip_prob: float = 0.0, class_rotations: Sequence[float] = (), ways: int | None = None,
+                 rotation_order: int = 3, rotation_mode: str = "nearest", center_crop: float = 1.0):
   """Augments one task. Per-class rotations are drawn once per class and shared by its images."""
   rot_key, flip_s, flip_q = jax.random.split(key, 3)
   support = support.astype(jnp.float32)
   query = query.astype(jnp.float32)
-  if class_rotations:  # rotate raw pixels so the fill is black whatever the normalisation
+  if class_rotations:  # raw pixels, so a constant fill is black whatever the normalisation
     angles = jnp.asarray(class_rotations, jnp.float32)
     per_class = angles[jax.random.randint(rot_key, (ways,), 0, len(class_rotations))]
-    rot = jax.vmap(rotate)
+    rot = jax.vmap(functools.partial(rotate, order=rotation_order, mode=rotation_mode))
     support = rot(support, per_class[support_labels])
     query = rot(query, per_class[query_labels])
-  support = resize(normalise(support, mean, std), size)
-  query = resize(normalise(query, mean, std), size)
+  support = resize(normalise(support, mean, std), size, center_crop)
+  query = resize(normalise(query, mean, std), size, center_crop)
   if flip_prob > 0:
     support = flip(flip_s, support, flip_prob)
     query = flip(flip_q, query, flip_prob)
@@ -87,11 +170,16 @@ def from_config(config: ml_collections.ConfigDict, ways: int, training: bool = T
   aug = config.augment
   if aug.flip_prob < 0 or aug.flip_prob > 1:
     raise ConfigError(f"augment.flip_prob={aug.flip_prob} must lie in [0, 1]")
-  size = config.data.get("input_size") or config.data.image_size
   return functools.partial(
-      task_augment, mean=config.data.mean, std=config.data.std, size=size,
+      task_augment, mean=config.data.mean, std=config.data.std, size=input_size(config),
       flip_prob=aug.flip_prob if training else 0.0,
-      class_rotations=tuple(aug.class_rotations) if training else (), ways=ways)
+      class_rotations=tuple(aug.class_rotations) if training else (), ways=ways,
+      rotation_order=aug.rotation_order, rotation_mode=aug.rotation_mode, center_crop=config.data.center_crop)
+
+
+def input_size(config: ml_collections.ConfigDict) -> int:
+  """The model's input side: data.input_size, or the stored image size when it is 0."""
+  return config.data.get("input_size") or config.data.image_size
 
 
 _CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params tries 10 boxes before falling back

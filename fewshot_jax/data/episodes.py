@@ -202,10 +202,16 @@ def check_episode_fits(dataset: DeviceDataset, ways: int, shots: int, queries: i
                       f"use {ks} + {kq} <= {smallest}")
 
 
-def _sample_task(key, tables, ways: int, shots: int, queries: int):
+def _sample_task(key, tables, ways: int, shots: int, queries: int, per_task: bool = False,
+                 disjoint: bool = True):
   """One task: N distinct classes, K+Q distinct images per class, labels by class position.
 
-  tables: (class_index, class_counts, class_ids) of a DeviceDataset.
+  tables: (class_index, class_counts, class_ids) of a DeviceDataset. per_task:
+  the task has Q queries in all (not Q per class), each of a class drawn
+  uniformly, as the LGM-Net code's one query per task; a class's queries are
+  still distinct images. disjoint=False draws queries independently of the
+  supports, so a query may repeat a support image (the IDeMe-Net code's
+  episodes; a small optimistic bias).
   """
   class_index, class_counts, class_ids = tables
   class_key, image_key = jax.random.split(key)
@@ -221,13 +227,23 @@ def _sample_task(key, tables, ways: int, shots: int, queries: int):
 
   picked = jax.vmap(pick)(jax.random.split(image_key, ways), classes)  # [N, K+Q]
   support_idx = picked[:, :shots].reshape(-1)
-  query_idx = picked[:, shots:].reshape(-1)
+  if not disjoint:  # queries from a second, independent draw of each class's images
+    redraw = jax.vmap(pick)(jax.random.split(jax.random.fold_in(key, 3), ways), classes)
+    picked = jnp.concatenate([picked[:, :shots], redraw[:, :queries]], axis=1)
   labels = jnp.arange(ways, dtype=jnp.int32)
+  if per_task:
+    query_labels = jax.random.randint(jax.random.fold_in(key, 2), (queries,), 0, ways)
+    earlier = jnp.tril(query_labels[:, None] == query_labels[None, :], -1)
+    column = shots + earlier.sum(1)  # the j-th query of a class takes that class's j-th spare image
+    query_idx = picked[query_labels, column]
+  else:
+    query_labels = jnp.repeat(labels, queries)
+    query_idx = picked[:, shots:].reshape(-1)
   return dict(
       support=support_idx,
       support_labels=jnp.repeat(labels, shots),
       query=query_idx,
-      query_labels=jnp.repeat(labels, queries),
+      query_labels=query_labels,
       classes=class_ids[classes])
 
 
@@ -236,26 +252,36 @@ Augment = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 def sample_episodes(key, dataset: DeviceDataset, *, tasks: int, ways: int, shots: int, queries: int,
-                    augment: Augment | None = None) -> Episode:
+                    augment: Augment | None = None, query_sampling: str = "per_class",
+                    disjoint: bool = True) -> Episode:
   """Samples T tasks on the device from one key; see `sample_tasks`."""
   return sample_tasks(jax.random.split(key, tasks), dataset, ways=ways, shots=shots, queries=queries,
-                      augment=augment)
+                      augment=augment, query_sampling=query_sampling, disjoint=disjoint)
 
 
 def sample_tasks(task_keys, dataset: DeviceDataset, *, ways: int, shots: int, queries: int,
-                 augment: Augment | None = None) -> Episode:
+                 augment: Augment | None = None, query_sampling: str = "per_class",
+                 disjoint: bool = True) -> Episode:
   """Samples one task per key and gathers (and augments) its images.
 
   A task depends only on its key, so evaluation draws the same episodes
   whatever its batch size or device count. `augment(key, support,
   support_labels, query, query_labels)` receives the uint8 images of one task
   (labels allow per-class transforms) and returns float images; None only
-  converts to float32 in [0, 1].
+  converts to float32 in [0, 1]. query_sampling: 'per_class' (`queries` of
+  every class) or 'per_task' (`queries` per task, classes drawn uniformly).
+  disjoint=False: queries may repeat supports (see `_sample_task`).
   """
+  if query_sampling not in config_lib.QUERY_SAMPLING:
+    raise ConfigError(f"episode.query_sampling={query_sampling!r} is unknown; "
+                      f"valid: {list(config_lib.QUERY_SAMPLING)}")
+  per_task = query_sampling == "per_task"
   tables = (dataset.class_index, dataset.class_counts, dataset.class_ids)
 
   def indices(keys, tables):
-    return jax.vmap(lambda k: _sample_task(jax.random.fold_in(k, 0), tables, ways, shots, queries))(keys)
+    return jax.vmap(lambda k: _sample_task(jax.random.fold_in(k, 0), tables, ways, shots, queries, per_task,
+                                                     disjoint))(
+        keys)
 
   if dataset.mesh is None:
     idx = indices(task_keys, tables)
@@ -283,13 +309,15 @@ def sample_tasks(task_keys, dataset: DeviceDataset, *, ways: int, shots: int, qu
       classes=idx["classes"])
 
 
-def episode_shapes(ways: int, shots: int, queries: int, tasks: int, image_shape: tuple[int, ...]) -> Any:
+def episode_shapes(ways: int, shots: int, queries: int, tasks: int, image_shape: tuple[int, ...],
+                   query_sampling: str = "per_class") -> Any:
   """Shape-only Episode, for initialising models without sampling."""
+  total_queries = queries if query_sampling == "per_task" else ways * queries
   f = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
   i = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
   return Episode(
       support=f(tasks, ways * shots, *image_shape),
       support_labels=i(tasks, ways * shots),
-      query=f(tasks, ways * queries, *image_shape),
-      query_labels=i(tasks, ways * queries),
+      query=f(tasks, total_queries, *image_shape),
+      query_labels=i(tasks, total_queries),
       classes=i(tasks, ways))

@@ -10,6 +10,7 @@ import ml_collections
 from fewshot_jax import config as config_lib
 from fewshot_jax import files
 from fewshot_jax import multihost
+from fewshot_jax.data import augment
 from fewshot_jax.data import builders
 from fewshot_jax.data import episodes
 
@@ -72,5 +73,5 @@ def load(config: ml_collections.ConfigDict, split: str, mesh=None) -> episodes.D
 
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """Shape of one image as the model sees it (after on-device resizing)."""
-  size = config.data.get("input_size") or config.data.image_size
+  size = augment.input_size(config)
   return (size, size, config_lib.CHANNELS[config.data.name])

@@ -14,8 +14,10 @@ Two losses, each updating only its own parameters (the reference's separate
 optimisers), in one backward pass:
   prototype loss -> D and scale: E's parameters enter it through stop_gradient,
     so its gradient reaches D through E's activations but never E itself;
-  classification loss (64-way fc on E(deformed), the probe's base class) ->
-    E and fc: the deformed images enter it through stop_gradient. It is
+  classification loss (64-way fc, the probe's base class) -> E and fc, over
+    the real supports and their deformed copies (`cls_images='all'`, the
+    reference) or the deformed copies only ('deformed'): the deformed images
+    enter it through stop_gradient. It is
     computed only when E trains (method.fix_embedding=False) and its updates
     start at method.cls_start_step (the reference skips the first epoch).
 optax.multi_transform gives each group its learning rate; a fixed group
@@ -42,6 +44,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from fewshot_jax import config as config_lib
 from fewshot_jax.errors import CheckpointError, ConfigError
 from fewshot_jax.data import augment
 from fewshot_jax.data import episodes
@@ -63,8 +66,11 @@ class IDeMeNetMethod(common.Method):
 
 
 _KEYS = ("grid", "augnum", "choose_num", "gallery_per_class", "gallery_seed", "num_classes", "probe_flip",
+         "gallery_flip", "gallery_bn", "gallery_bn_chunk", "cls_images", "decay_scale",
          "pretrained", "fix_embedding", "fix_deformation", "lr_deformation", "lr_scale", "lr_embedding",
          "lr_fc", "cls_start_step", "decay_every", "decay_factor", "eval_mode", "scale_init")
+GALLERY_BN = ("train", "eval")
+CLS_IMAGES = ("all", "deformed")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -75,7 +81,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       "start from configs/idemenet.py")
   if mc.grid not in (3, 5, 7):
     raise ConfigError(f"method.grid={mc.grid!r} is not supported; valid: [3, 5, 7]")
-  for key in ("augnum", "choose_num", "gallery_per_class", "num_classes", "decay_every"):
+  for key in ("augnum", "choose_num", "gallery_per_class", "num_classes", "decay_every", "gallery_bn_chunk"):
     if not isinstance(mc[key], int) or mc[key] < 1:
       raise ConfigError(f"method.{key}={mc[key]!r} must be a positive integer")
   if mc.choose_num > mc.gallery_per_class * mc.num_classes:
@@ -83,8 +89,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       f"{mc.gallery_per_class * mc.num_classes} images")
   if mc.eval_mode not in EVAL_MODES:
     raise ConfigError(f"method.eval_mode={mc.eval_mode!r} is unknown; valid: {list(EVAL_MODES)}")
-  if not 0.0 <= mc.probe_flip <= 1.0:
-    raise ConfigError(f"method.probe_flip={mc.probe_flip} must lie in [0, 1]")
+  for key in ("probe_flip", "gallery_flip"):
+    if not 0.0 <= mc[key] <= 1.0:
+      raise ConfigError(f"method.{key}={mc[key]} must lie in [0, 1]")
+  if mc.gallery_bn not in GALLERY_BN:
+    raise ConfigError(f"method.gallery_bn={mc.gallery_bn!r} is unknown; valid: {list(GALLERY_BN)}")
+  if mc.cls_images not in CLS_IMAGES:
+    raise ConfigError(f"method.cls_images={mc.cls_images!r} is unknown; valid: {list(CLS_IMAGES)}")
   if mc.fix_embedding and mc.fix_deformation:
     raise ConfigError("method.fix_embedding and method.fix_deformation are both True: nothing but "
                       "the scale would train")
@@ -99,19 +110,66 @@ def embedding_model(config: ml_collections.ConfigDict) -> ResNet18:
                   remat=config.model.get("remat", False))
 
 
-def input_size(config) -> int:
-  return config.data.get("input_size") or config.data.image_size
+input_size = augment.input_size
 
 
 def preprocess(config, images_u8):
-  """uint8 [..., h, w, C] -> normalised float [..., S, S, C] at the model's input size."""
-  return augment.resize(augment.normalise(images_u8, config.data.mean, config.data.std), input_size(config))
+  """uint8 [..., h, w, C] -> normalised float [..., S, S, C] at the model's input size (and centre crop)."""
+  return augment.resize(augment.normalise(images_u8, config.data.mean, config.data.std), input_size(config),
+                        config.data.center_crop)
 
 
 def embed_batched(model, variables, images_u8, config, batch: int = 128):
   """E's eval-mode features of many uint8 images, `batch` at a time (bounded memory)."""
   apply = jax.jit(lambda x: model.apply(variables, preprocess(config, x), train=False)[0])
   return jnp.concatenate([apply(images_u8[i:i + batch]) for i in range(0, len(images_u8), batch)])
+
+
+def train_mode_features(model, variables, images, momentum: float):
+  """E's features of one chunk with BatchNorm in training mode, and the running statistics after it.
+
+  The statistics follow PyTorch's update, which the gallery pass of the
+  reference runs: running = momentum * running + (1 - momentum) * batch, with
+  the batch variance unbiased (n / (n - 1), n = images x height x width of that
+  layer); Flax's own update uses the biased one, so each variance is corrected
+  by the count its BatchNorm saw.
+  """
+  counts = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, flax.linen.BatchNorm) and context.method_name == "__call__":
+      counts[context.module.path] = args[0].size // args[0].shape[-1]
+    return next_fun(*args, **kwargs)
+
+  with flax.linen.intercept_methods(record):
+    (features, _), new = model.apply(variables, images, train=True, mutable=["batch_stats"])
+  old = flax.traverse_util.flatten_dict(variables["batch_stats"])
+  stats = flax.traverse_util.flatten_dict(new["batch_stats"])
+  for path, value in stats.items():
+    if path[-1] == "var":
+      n = counts[path[:-1]]
+      stats[path] = value + (value - momentum * old[path]) / (n - 1)
+  return features, flax.traverse_util.unflatten_dict(stats)
+
+
+def gallery_features(model, variables, images_u8, config):
+  """(features [G, 512], E's batch_stats after the pass) of the class-sorted gallery images.
+
+  method.gallery_bn 'eval': running statistics, unchanged. 'train' (the
+  reference): chunks of method.gallery_bn_chunk images in order, each
+  normalised by its own batch statistics, each moving the running statistics.
+  """
+  mc = config.method
+  chunk = mc.gallery_bn_chunk
+  if mc.gallery_bn == "eval":
+    return embed_batched(model, variables, images_u8, config, chunk), variables["batch_stats"]
+  step = jax.jit(lambda params, stats, x: train_mode_features(
+      model, {"params": params, "batch_stats": stats}, preprocess(config, x), model.bn_momentum))
+  stats, features = variables["batch_stats"], []
+  for i in range(0, len(images_u8), chunk):
+    f, stats = step(variables["params"], stats, images_u8[i:i + chunk])
+    features.append(f)
+  return jnp.concatenate(features), stats
 
 
 def choose_gallery(class_index: np.ndarray, class_counts: np.ndarray, per_class: int, seed: int):
@@ -129,8 +187,10 @@ def choose_gallery(class_index: np.ndarray, class_counts: np.ndarray, per_class:
 def attach_gallery(config, variables, train_dataset):
   """variables + model-state 'gallery': the chosen base-class images and their features under E.
 
-  Features are computed once, in inference mode, and never refreshed (as the
-  reference); `variables` needs E's params and batch_stats under 'embedding'.
+  Features are computed once (`gallery_features`) and never refreshed, as the
+  reference; under gallery_bn='train' E's batch_stats in the returned variables
+  are the recalibrated ones. `variables` needs E's params and batch_stats under
+  'embedding'.
   """
   mc = config.method
   if train_dataset.num_classes != mc.num_classes:
@@ -140,8 +200,10 @@ def attach_gallery(config, variables, train_dataset):
                                mc.gallery_per_class, mc.gallery_seed)
   images = jax.jit(lambda ds, i: episodes.take_images(ds, i, scatter=False))(train_dataset, idx)
   e_vars = {"params": variables["params"]["embedding"], "batch_stats": variables["batch_stats"]["embedding"]}
-  features = embed_batched(embedding_model(config), e_vars, images, config)
-  return {**variables, "gallery": {"images": images, "labels": jnp.asarray(labels), "features": features}}
+  features, e_stats = gallery_features(embedding_model(config), e_vars, images, config)
+  batch_stats = {**variables["batch_stats"], "embedding": e_stats}
+  return {**variables, "batch_stats": batch_stats,
+          "gallery": {"images": images, "labels": jnp.asarray(labels), "features": features}}
 
 
 def gallery_candidates(support_feats, support_labels, gallery_feats, ways: int, k: int):
@@ -150,25 +212,32 @@ def gallery_candidates(support_feats, support_labels, gallery_feats, ways: int, 
   return common.top_k_indices(-common.squared_distances(protos, gallery_feats), k)
 
 
-def load_pretrained(workdir: str, which: str = "best"):
-  """(params, batch_stats) of E from a stage-1 workdir (or one written by --mode=convert).
+def load_pretrained(workdir: str, config: ml_collections.ConfigDict, which: str = "best") -> dict:
+  """{'params': ..., 'batch_stats': ...} of what a workdir holds, by part name.
 
-  The workdir's own config.json rebuilds the stage-1 state it was saved with,
-  so stage 2's train.* settings do not have to match stage 1's.
+  A stage-1 workdir ('idemenet_pretrain', or --mode=convert of softRandom.t7)
+  gives E ('embedding'); a stage-2 workdir ('idemenet', or a converted
+  metaNet_*.t7) gives the whole GNet: E with fc, D ('deformation') and 'scale',
+  round 2 of the published recipe. The workdir's own config.json rebuilds the
+  state it was saved with (keys it predates are taken from `config`).
   """
   from fewshot_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from fewshot_jax import sharding  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise ConfigError(f"method.pretrained={workdir!r} has no config.json; point it at the workdir of "
-                      "a configs/idemenet.py:pretrain run or of --mode=convert")
+                      "a configs/idemenet.py run (pretrain or mini-*) or of --mode=convert")
   with open(path) as f:
     pcfg = ml_collections.ConfigDict(json.load(f))
-  if pcfg.method.name != "idemenet_pretrain":
-    raise CheckpointError(f"method.pretrained={workdir!r} holds a {pcfg.method.name!r} run, not a "
-                          "stage-1 'idemenet_pretrain' one")
+  name = pcfg.method.name
+  if name not in ("idemenet_pretrain", "idemenet"):
+    raise CheckpointError(f"method.pretrained={workdir!r} holds a {name!r} run, not an IDeMe-Net "
+                          "'idemenet_pretrain' (stage 1) or 'idemenet' (stage 2) one")
+  config_lib.fill_missing(pcfg, config)
   _, state = checkpoint.load_for_eval(pcfg, workdir, sharding.make_mesh(), which)
-  return state.params, state.model_state["batch_stats"]
+  if name == "idemenet_pretrain":
+    return {"params": {"embedding": state.params}, "batch_stats": {"embedding": state.model_state["batch_stats"]}}
+  return {"params": dict(state.params), "batch_stats": dict(state.model_state["batch_stats"])}
 
 
 def _schedule(config, lr):
@@ -187,7 +256,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   start = lambda tx: optax.conditionally_mask(tx, lambda step: step >= mc.cls_start_step)
   transforms = {
       "deformation": optax.set_to_zero() if mc.fix_deformation else optax.adam(_schedule(config, mc.lr_deformation)),
-      "scale": optax.adam(_schedule(config, mc.lr_scale)),
+      # The reference's scale optimiser has no scheduler (decay_scale=False).
+      "scale": optax.adam(_schedule(config, mc.lr_scale) if mc.decay_scale else mc.lr_scale),
       "embedding": optax.set_to_zero() if mc.fix_embedding else start(embedding),
       "fc": optax.set_to_zero() if mc.fix_embedding else start(fc),
   }
@@ -237,17 +307,23 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
     if not mc.pretrained:
       raise ConfigError("method.pretrained is empty; set it to the workdir of the stage-1 run "
                         "(configs/idemenet.py:pretrain) or of --mode=convert")
-    e_params, e_stats = load_pretrained(mc.pretrained)
+    loaded = load_pretrained(mc.pretrained, config)
+    if mc.fix_deformation and "deformation" not in loaded["params"]:
+      raise ConfigError(f"method.fix_deformation=True but method.pretrained={mc.pretrained!r} is a stage-1 "
+                        "workdir with no trained D: D would stay frozen at its random init; point "
+                        "method.pretrained at a stage-2 workdir (or a converted metaNet_*.t7), or set "
+                        "method.fix_deformation=False")
     variables = flax.core.unfreeze(variables)
-    if jax.tree.structure(e_params) != jax.tree.structure(variables["params"]["embedding"]):
-      raise CheckpointError(f"method.pretrained={mc.pretrained!r}: its embedding does not match "
-                            f"ResNet-18 with a {mc.num_classes}-way fc")
-    variables["params"]["embedding"] = e_params
-    variables["batch_stats"]["embedding"] = e_stats
+    for collection in ("params", "batch_stats"):
+      for part, value in loaded[collection].items():
+        if jax.tree.map(jnp.shape, value) != jax.tree.map(jnp.shape, variables[collection][part]):
+          raise CheckpointError(f"method.pretrained={mc.pretrained!r}: its {part!r} does not fit this config "
+                                f"(ResNet-18 with a {mc.num_classes}-way fc, a {mc.grid}x{mc.grid} grid)")
+        variables[collection][part] = value
     return attach_gallery(config, variables, train_dataset)
 
   def task_deform_inputs(key, support, support_labels, support_feats, ways, gallery):
-    """One task: probes [S, A, ...] and the chosen gallery indices [S, A]."""
+    """One task: probes [S, A, ...], the chosen gallery indices [S, A] and their flips [S, A]."""
     candidates = gallery_candidates(support_feats, support_labels, gallery["features"], ways, choose)
     s = support.shape[0]
     pick_key, flip_key = jax.random.split(key)
@@ -255,7 +331,8 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
     gallery_idx = candidates[support_labels[:, None], pick]  # [S, A]
     flip = jax.random.bernoulli(flip_key, mc.probe_flip, (s, augnum, 1, 1, 1))
     probe = jnp.where(flip, support[:, None, :, ::-1], support[:, None])  # [S, A, H, W, C]
-    return probe, gallery_idx
+    gallery_flip = jax.random.bernoulli(jax.random.fold_in(key, 2), mc.gallery_flip, (s, augnum))
+    return probe, gallery_idx, gallery_flip
 
   def deform(params, state, episode, key, real_support_feats=None):
     """(probe, gallery, weights, deformed): [T, S, A, ...] each; weights [T, S, A, G*G]."""
@@ -266,10 +343,12 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
       flat = episode.support.reshape((t * s,) + episode.support.shape[2:])
       real_support_feats = e_apply(params["embedding"], state, flat)[0].reshape(t, s, -1)
     keys = jax.random.split(key, t)
-    probe, gallery_idx = jax.vmap(
+    probe, gallery_idx, gallery_flip = jax.vmap(
         lambda k, x, y, f: task_deform_inputs(k, x, y, f, ways, gallery))(
             keys, episode.support, episode.support_labels, real_support_feats)
     gallery_images = preprocess(config, gallery["images"][gallery_idx])  # [T, S, A, H, W, C]
+    # Flipping after the (symmetric) resize and centre crop equals the reference's flip before them.
+    gallery_images = jnp.where(gallery_flip[..., None, None, None], gallery_images[..., ::-1, :], gallery_images)
     pairs = jnp.concatenate([probe, gallery_images], axis=-1).reshape((t * s * augnum, size, size, 6))
     weights = d_apply(params, state, pairs).reshape(t, s, augnum, grid * grid)
     wmap = deform_lib.weight_map(weights, size, grid)  # [T, S, A, H, W, 1]
@@ -298,8 +377,13 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
            "plain": jax.vmap(logits)(support_feats, episode.support_labels, query_feats)}
     cls = None
     if with_cls:
-      _, fc_logits = e_apply(params["embedding"], state, jax.lax.stop_gradient(flat_deformed))
-      base = jnp.take_along_axis(episode.classes, deformed_labels, axis=1).reshape(-1)
+      cls_images = jax.lax.stop_gradient(deformed).reshape((t, s * augnum, size, size, 3))
+      cls_labels = deformed_labels
+      if mc.cls_images == "all":  # the real supports too: the reference's 1 + augnum images per support
+        cls_images = jnp.concatenate([episode.support, cls_images], axis=1)  # per task: stays task-sharded
+        cls_labels = jnp.concatenate([episode.support_labels, cls_labels], axis=1)
+      _, fc_logits = e_apply(params["embedding"], state, cls_images.reshape((-1, size, size, 3)))
+      base = jnp.take_along_axis(episode.classes, cls_labels, axis=1).reshape(-1)
       cls = optax.softmax_cross_entropy_with_integer_labels(fc_logits, base).mean()
     return out, cls
 

@@ -70,7 +70,7 @@ def vote(log_probs):
 
 
 _KEYS = ("z_dim", "context_features", "target_features", "target_kernel", "l2_eps", "bn_momentum",
-         "bn_epsilon", "dropout_rate", "task_conv", "eval_mode", "ensemble_draws", "cosine_scale", "eps")
+         "bn_epsilon", "dropout_rate", "task_conv", "eval_mode", "ensemble_draws", "cosine_scale", "eps", "kernel_layout")
 
 
 def _check(mc) -> None:
@@ -82,6 +82,8 @@ def _check(mc) -> None:
     raise ConfigError(f"method.task_conv={mc.task_conv!r} is unknown; valid: {list(lgm.TASK_CONVS)}")
   if mc.eval_mode not in EVAL_MODES:
     raise ConfigError(f"method.eval_mode={mc.eval_mode!r} is unknown; valid: {list(EVAL_MODES)}")
+  if mc.kernel_layout not in lgm.KERNEL_LAYOUTS:
+    raise ConfigError(f"method.kernel_layout={mc.kernel_layout!r} is unknown; valid: {list(lgm.KERNEL_LAYOUTS)}")
   for key in ("ensemble_draws", "z_dim", "context_features", "target_kernel"):
     if not isinstance(mc[key], int) or mc[key] < 1:
       raise ConfigError(f"method.{key}={mc[key]!r} must be a positive integer")
@@ -109,7 +111,7 @@ def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
   k = mc.target_kernel
   widths = (config.model.features,) + tuple(mc.target_features)
   shapes = tuple((k, k, cin, cout) for cin, cout in zip(widths[:-1], widths[1:]))
-  generator = lgm.WeightGenerator(layer_shapes=shapes, l2_eps=mc.l2_eps)
+  generator = lgm.WeightGenerator(layer_shapes=shapes, l2_eps=mc.l2_eps, kernel_layout=mc.kernel_layout)
   z_dim = mc.z_dim
   scale, match_eps = mc.cosine_scale, mc.eps
 

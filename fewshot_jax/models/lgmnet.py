@@ -21,6 +21,7 @@ from fewshot_jax.models import layers
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _glorot = nn.initializers.xavier_uniform()
 TASK_CONVS = ("im2col", "vmap", "grouped")
+KERNEL_LAYOUTS = ("hwio", "tf")
 
 
 class Extractor(nn.Module):
@@ -98,11 +99,15 @@ class WeightGenerator(nn.Module):
   (kh, kw, C_in) (x / sqrt(max(sum x^2, l2_eps)), tf.nn.l2_normalize); bias l
   is [..., N], not normalised. Of the (M + 1) * N outputs of layer l's Dense
   (M = kh * kw * C_in), the first M * N are the kernel read as (N, C_in, kh, kw)
-  and the last N the bias.
+  and the last N the bias. kernel_layout 'hwio' moves that to (kh, kw, C_in, N);
+  'tf' is the LGM-Net code's `tf.transpose` without a permutation, which reverses
+  all axes to (kw, kh, C_in, N): the filter is spatially transposed. The two
+  train alike from scratch; 'tf' is what the authors' TF weights expect.
   """
 
   layer_shapes: Sequence[Sequence[int]]
   l2_eps: float = 1e-12
+  kernel_layout: str = "hwio"
 
   @nn.compact
   def __call__(self, mu, log_var, noise):
@@ -114,7 +119,10 @@ class WeightGenerator(nn.Module):
                      name=f"layer{l + 1}")(z[..., l, :])
       lead = out.shape[:-1]
       w = out[..., :m * n].reshape(lead + (n, cin, kh, kw))
-      w = jnp.moveaxis(w, (-4, -3), (-1, -2))  # (N, C_in, kh, kw) -> (kh, kw, C_in, N)
+      if self.kernel_layout == "tf":  # (N, C_in, kh, kw) -> (kw, kh, C_in, N)
+        w = jnp.moveaxis(w, (-4, -3, -2, -1), (-1, -2, -3, -4))
+      else:  # (N, C_in, kh, kw) -> (kh, kw, C_in, N)
+        w = jnp.moveaxis(w, (-4, -3), (-1, -2))
       sq = jnp.sum(w * w, axis=(-4, -3, -2), keepdims=True)
       kernels.append(w * lax.rsqrt(jnp.maximum(sq, self.l2_eps)))
       biases.append(out[..., m * n:])
