@@ -41,7 +41,7 @@ def get_config(preset: str = "mini-5w1s"):
   if dataset == "tiered_imagenet":
     c.data.placement = "sharded"
   c.data.update(mean=_IMAGENET_MEAN, std=_IMAGENET_STD, input_size=224)
-  c.model.update(backbone="resnet18", remat=False)
+  c.model.backbone = "resnet18"
   c.eval.update(queries=15, episodes=600, val_episodes=200, tasks=4)
   if preset.endswith("pretrain"):
     c.method.update(name="idemenet_pretrain", batch_size=128, images_per_class=images_per_class, mix_prob=2 / 3,

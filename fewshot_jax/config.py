@@ -64,7 +64,10 @@ def default_data_dir() -> str:
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = ml_collections.ConfigDict(dict(name="protonet", cosine_scale=1.0, eps=1e-8))
-  c.model = ml_collections.ConfigDict(dict(backbone="conv4", features=64, dtype="float32", conv_impl="auto"))
+  # model.remat: recompute each backbone block in the backward pass (less activation
+  # memory, more FLOPs: benchmarks/steps.py); parameter names are the same either way.
+  c.model = ml_collections.ConfigDict(dict(backbone="conv4", features=64, dtype="float32", conv_impl="auto",
+                                           remat=False))
   # data.mean/std are per-channel tuples (length 1 broadcasts): ConfigDict keeps a
   # field's type, so a float default could not take miniImageNet's RGB statistics.
   c.data = ml_collections.ConfigDict(dict(
@@ -195,10 +198,12 @@ QUERY_SAMPLING = ("per_class", "per_task")
 ROTATIONS = ((3, "nearest"), (1, "nearest"), (1, "constant"))
 NONFINITE = ("stop", "skip")
 # Keys a resumed run may change without train.allow_config_change: run length,
-# cadences, paths, data placement and evaluation (a prefix ending in '.' covers a section).
+# cadences, paths, data placement, rematerialisation (the same parameters either way) and
+# evaluation (a prefix ending in '.' covers a section).
 RESUME_FREE = ("train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every",
                "train.steps_per_call", "train.loop", "train.keep_checkpoints", "train.allow_config_change",
-               "train.nonfinite", "data.data_dir", "data.manual_dir", "data.placement", "method.pretrained", "eval.")
+               "train.nonfinite", "data.data_dir", "data.manual_dir", "data.placement", "model.remat",
+               "method.pretrained", "eval.")
 
 
 def config_changes(started: dict, config: ml_collections.ConfigDict) -> list[str]:

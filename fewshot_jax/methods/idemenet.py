@@ -107,7 +107,7 @@ def embedding_model(config: ml_collections.ConfigDict) -> ResNet18:
   """E: ResNet-18 in torchvision layout with the 64-way fc head."""
   return ResNet18(num_classes=config.method.num_classes, dtype=backbones.dtype_from_config(config),
                   conv_general_dilated=layers.conv_function(config.model.conv_impl),
-                  remat=config.model.get("remat", False))
+                  remat=backbones.remat_from_config(config))
 
 
 input_size = augment.input_size
@@ -280,7 +280,8 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
   raw_shape = (config.data.image_size, config.data.image_size, 3)
   model_e = embedding_model(config)
   model_d = deform_lib.DeformationNet(grid=grid, dtype=backbones.dtype_from_config(config),
-                                      conv_general_dilated=layers.conv_function(config.model.conv_impl))
+                                      conv_general_dilated=layers.conv_function(config.model.conv_impl),
+                                      remat=backbones.remat_from_config(config))
 
   def e_apply(params, state, images):
     return model_e.apply({"params": params, "batch_stats": state["batch_stats"]["embedding"]}, images,

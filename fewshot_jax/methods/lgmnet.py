@@ -103,7 +103,7 @@ def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
   conv = layers.conv_function(impl)
   task_conv = layers.task_conv_function(impl)  # the TargetNet's per-task (kernel-batched) convolutions
   dtype = backbones.dtype_from_config(config)
-  bn = dict(bn_momentum=mc.bn_momentum, bn_epsilon=mc.bn_epsilon)
+  bn = dict(bn_momentum=mc.bn_momentum, bn_epsilon=mc.bn_epsilon, remat=backbones.remat_from_config(config))
   extractor = lgm.Extractor(features=config.model.features, dropout_rate=mc.dropout_rate, dtype=dtype,
                             conv_general_dilated=conv, **bn)
   context_encoder = lgm.TaskContextEncoder(features=mc.context_features, context_dim=2 * mc.z_dim,

@@ -16,6 +16,14 @@ def dtype_from_config(config: ml_collections.ConfigDict):
   return _DTYPES[config.model.dtype]
 
 
+def remat_from_config(config: ml_collections.ConfigDict) -> bool:
+  """model.remat, checked: every backbone's blocks are recomputed in the backward pass when True."""
+  remat = config.model.remat
+  if not isinstance(remat, bool):
+    raise ConfigError(f"model.remat={remat!r} must be True or False")
+  return remat
+
+
 def from_config(config: ml_collections.ConfigDict):
   name = config.model.backbone
   impl = config.model.conv_impl
@@ -23,5 +31,5 @@ def from_config(config: ml_collections.ConfigDict):
     raise ConfigError(f"model.conv_impl={impl!r} is unknown; valid: ['auto', 'xla', 'matmul_wgrad']")
   if name == "conv4":
     return Conv4(features=config.model.features, dtype=dtype_from_config(config),
-                 conv_general_dilated=layers.conv_function(impl))
+                 conv_general_dilated=layers.conv_function(impl), remat=remat_from_config(config))
   raise ConfigError(f"model.backbone={name!r} is unknown; valid: ['conv4']")

@@ -83,14 +83,17 @@ class DeformationNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   conv_general_dilated: Any = None
+  remat: bool = False  # recompute each encoder block in the backward pass (same parameter names)
 
   @nn.compact
   def __call__(self, pairs, train: bool):
     x = pairs.astype(self.dtype)
+    # static_argnums counts `self` as 0: `train` (2) selects the BatchNorm mode at trace time.
+    block_cls = nn.remat(_EncoderBlock, static_argnums=(2,)) if self.remat else _EncoderBlock
     for i, features in enumerate(self.channels):
-      x = _EncoderBlock(features, dtype=self.dtype, bn_momentum=self.bn_momentum,
-                        bn_epsilon=self.bn_epsilon, conv_general_dilated=self.conv_general_dilated,
-                        name=f"encoder_{i}")(x, train)
+      x = block_cls(features, dtype=self.dtype, bn_momentum=self.bn_momentum,
+                    bn_epsilon=self.bn_epsilon, conv_general_dilated=self.conv_general_dilated,
+                    name=f"encoder_{i}")(x, train)
     x = x.astype(jnp.float32).transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
     return nn.Dense(self.grid * self.grid, kernel_init=_torch_kernel_init,
                     bias_init=torch_uniform_bias_init(x.shape[-1]), name="to_weight")(x)

@@ -14,6 +14,7 @@ Python loop, train.loop='auto') and 'matmul_wgrad' otherwise; kernel-batched
 convolutions always take 'matmul_wgrad' there (`task_conv_function`).
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -123,3 +124,14 @@ def max_pool_2x2_same(x):
   pad = [(0, 0)] * len(lead) + [(0, 2 * h2 - h), (0, 2 * w2 - w), (0, 0)]
   x = jnp.pad(x, pad, constant_values=-jnp.inf)
   return x.reshape(*lead, h2, 2, w2, 2, c).max(axis=(-4, -2))
+
+
+def remat_block(fn, remat: bool, static_argnums=(2, 3)):
+  """fn(module, x, *args) recomputed in the backward pass when `remat` (model.remat).
+
+  Flax's function form of nn.remat: the layers fn creates stay the module's own,
+  under the same names, so parameter trees (and checkpoints) are the same with
+  and without remat. static_argnums count the module as 0; pass the train flag
+  and block index there, as they select BatchNorm's mode and layer names.
+  """
+  return nn.remat(fn, static_argnums=static_argnums) if remat else fn

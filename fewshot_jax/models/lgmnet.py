@@ -41,18 +41,22 @@ class Extractor(nn.Module):
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   conv_general_dilated: Any = None  # None = lax; see models/layers.py for the CPU variant
+  remat: bool = False  # recompute each block in the backward pass (same layer names)
+
+  def block(self, x, i: int, train: bool):
+    x = nn.Conv(self.features, (3, 3), padding="SAME", kernel_init=_glorot, dtype=self.dtype,
+                conv_general_dilated=self.conv_general_dilated, name=f"conv{i + 1}")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                     epsilon=self.bn_epsilon, dtype=self.dtype, name=f"bn{i + 1}")(x)
+    x = nn.relu(x)
+    return layers.max_pool_2x2_same(x) if i < self.pooled_blocks else x
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = x.astype(self.dtype)
+    block = layers.remat_block(type(self).block, self.remat)
     for i in range(self.blocks):
-      x = nn.Conv(self.features, (3, 3), padding="SAME", kernel_init=_glorot, dtype=self.dtype,
-                  conv_general_dilated=self.conv_general_dilated, name=f"conv{i + 1}")(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, dtype=self.dtype, name=f"bn{i + 1}")(x)
-      x = nn.relu(x)
-      if i < self.pooled_blocks:
-        x = layers.max_pool_2x2_same(x)
+      x = block(self, x, i, train)
       if i == 0:
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return x.astype(jnp.float32)
@@ -72,17 +76,22 @@ class TaskContextEncoder(nn.Module):
   bn_epsilon: float = 1e-3
   dtype: Any = jnp.float32
   conv_general_dilated: Any = None
+  remat: bool = False  # recompute each hidden block in the backward pass (same layer names)
+
+  def block(self, x, i: int, train: bool):
+    x = nn.Conv(self.features, (3, 3), padding="SAME", kernel_init=_glorot, dtype=self.dtype,
+                conv_general_dilated=self.conv_general_dilated, name=f"conv{i + 1}")(x)
+    x = nn.relu(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                     epsilon=self.bn_epsilon, dtype=self.dtype, name=f"bn{i + 1}")(x)
+    return layers.max_pool_2x2_same(x)
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = x.astype(self.dtype)
+    block = layers.remat_block(type(self).block, self.remat)
     for i in range(self.hidden_blocks):
-      x = nn.Conv(self.features, (3, 3), padding="SAME", kernel_init=_glorot, dtype=self.dtype,
-                  conv_general_dilated=self.conv_general_dilated, name=f"conv{i + 1}")(x)
-      x = nn.relu(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, dtype=self.dtype, name=f"bn{i + 1}")(x)
-      x = layers.max_pool_2x2_same(x)
+      x = block(self, x, i, train)
     x = nn.Conv(self.context_dim, (3, 3), padding="SAME", kernel_init=_glorot, dtype=self.dtype,
                 conv_general_dilated=self.conv_general_dilated,
                 name=f"conv{self.hidden_blocks + 1}")(x)
