@@ -31,16 +31,19 @@ def test_every_preset_is_valid(method, preset):
 
 
 def test_steps_benchmark_reports_compiled_cost(tmp_path):
-  """benchmarks/steps.py (compile only) cannot rot: a small case in both dtypes."""
+  """benchmarks/steps.py cannot rot: a small case in both dtypes, compiled (the run columns:
+  test_accelerator.py, whose smoke mode runs it)."""
   import json  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   out = tmp_path / "steps.json"
   subprocess.run([sys.executable, str(REPO / "benchmarks" / "steps.py"), "--cases=protonet:synthetic",
-                  "--per_class=20", f"--json={out}"], check=True, capture_output=True, timeout=300)
+                  "--per_class=20", "--remats=False", "--norun", f"--json={out}"],
+                 check=True, capture_output=True, timeout=300)
   rows = json.loads(out.read_text())
   assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
   for r in rows:
     assert r["flops"] > 1e9 and r["batch"] == 2  # 2 tasks of 20-way 1-shot 5-query 28x28 episodes
     assert r["peak_estimate_bytes"] == r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"]
+    assert r["images_per_step"] == 2 * 20 * 6 and "ms_per_step" not in r
   assert rows[1]["temp_bytes"] < rows[0]["temp_bytes"]  # bfloat16 activations take less room
