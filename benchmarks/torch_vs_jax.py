@@ -17,8 +17,14 @@ CPU otherwise (PyTorch with torch.set_num_threads(os.cpu_count())).
   python benchmarks/torch_vs_jax.py
   python benchmarks/torch_vs_jax.py --cases=protonet-omniglot-5w1s --steps=5 --repeats=3
   python benchmarks/torch_vs_jax.py --cases=idemenet-5w1s,idemenet-5w1s-train-e --input_size=224
+  python benchmarks/torch_vs_jax.py --torch_compile --json=/tmp/t.json   # + torch.compile'd PyTorch
+
+--torch_compile also times the PyTorch step with its network wrapped in
+torch.compile (--compile_backend), where that compiles; a case where it fails
+records the error instead.
 """
 
+import json
 import os
 import platform
 import statistics
@@ -79,6 +85,10 @@ flags.DEFINE_integer("seed", 0, "Seed of the random inputs and parameters.")
 flags.DEFINE_integer("profile", 0, "After timing, profile this many steps per side (jax.profiler / "
                      "torch.profiler) and print where each side's time goes, by operation kind.")
 flags.DEFINE_integer("profile_top", 12, "Rows of the --profile breakdown per case.")
+flags.DEFINE_bool("torch_compile", False, "Also time PyTorch with the network under torch.compile.")
+flags.DEFINE_string("compile_backend", "inductor", "torch.compile backend of --torch_compile ('eager': "
+                    "Dynamo's tracing alone, a cheap check of the code path).")
+flags.DEFINE_string("json", None, "Also write the rows here (rewritten after every case).")
 FLAGS = flags.FLAGS
 
 
@@ -190,12 +200,15 @@ def jax_case(name, host, device, conv_impl):
 # ----------------------------------------------------------------------------- PyTorch side
 
 
-def torch_case(name, host, device, c, jax_state):
-  """-> a zero-argument callable running one PyTorch training step."""
+def torch_case(name, host, device, c, jax_state, compiled=False):
+  """-> a zero-argument callable running one PyTorch training step (`compiled`: the network under
+  torch.compile; the optimiser and step logic stay eager)."""
   method_name, _, ways, _, _, _, _ = CASES[name]
   ep = torch_episode(host, device)
+  wrap = (lambda m: torch.compile(m, backend=FLAGS.compile_backend)) if compiled else (lambda m: m)
   if method_name == "protonet":
     model = torch_conv4.Conv4(in_channels=host["support"].shape[-1], features=c.model.features).to(device)
+    model = wrap(model)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=c.train.lr)
     return lambda: torch_steps.protonet_step(model, opt, ep["support"], ep["support_labels"], ep["query"],
@@ -203,6 +216,7 @@ def torch_case(name, host, device, c, jax_state):
   if method_name == "lgmnet":
     model = torch_lgmnet.LGMNet.from_config(c, in_channels=host["support"].shape[-1]).to(device)
     model.train()  # train-mode (intertask) BatchNorm, as the JAX loss
+    model = wrap(model)
     opt = torch.optim.Adam(model.parameters(), lr=c.train.lr)
     return lambda: torch_steps.lgmnet_step(model, opt, ep["support"], ep["support_labels"], ep["query"],
                                            ep["query_labels"], ways)
@@ -214,7 +228,7 @@ def torch_case(name, host, device, c, jax_state):
     images = torch.from_numpy(np.array(gallery["images"]).transpose(0, 3, 1, 2).copy()).to(device)
     features = torch.from_numpy(np.array(gallery["features"])).to(device)
     trainer = torch_steps.IDeMeNetStage2(
-        net, images, features, mean=tuple(c.data.mean), std=tuple(c.data.std), input_size=FLAGS.input_size,
+        wrap(net), images, features, mean=tuple(c.data.mean), std=tuple(c.data.std), input_size=FLAGS.input_size,
         augnum=mc.augnum, choose_num=mc.choose_num, probe_flip=mc.probe_flip,
         train_embedding=not mc.fix_embedding, lr_deformation=mc.lr_deformation, lr_scale=mc.lr_scale,
         lr_embedding=mc.lr_embedding, lr_fc=mc.lr_fc)
@@ -276,12 +290,38 @@ def time_case(name, jax_device, torch_device, conv_impl):
   if FLAGS.profile:
     jax_totals, holder["carry"] = profile_jax(step, holder["carry"], fixed, episode, FLAGS.profile)
     print_profile(name, jax_totals, profile_torch(torch_step, FLAGS.profile), FLAGS.profile_top)
-  return dict(name=name, what=CASES[name][6] + (f", {FLAGS.input_size}x{FLAGS.input_size}x3, augnum "
+  compiled = time_torch_compiled(name, host, torch_device, c, fixed) if FLAGS.torch_compile else {}
+  return dict(**compiled,name=name, what=CASES[name][6] + (f", {FLAGS.input_size}x{FLAGS.input_size}x3, augnum "
                                                 f"{c.method.augnum}, chooseNum {c.method.choose_num}, "
                                                 f"gallery {c.method.num_classes}x{c.method.gallery_per_class}"
                                                 if method_name == "idemenet" else ""),
               jax=statistics.median(jax_ms), torch=statistics.median(torch_ms), jax_all=jax_ms,
               torch_all=torch_ms, jax_warm=jax_warm, torch_warm=torch_warm)
+
+
+def time_torch_compiled(name, host, torch_device, c, jax_state) -> dict:
+  """{'torch_compile': median ms/step, 'torch_compile_warm': s} of the step with the network under
+  torch.compile, or {'torch_compile_error': why} where it does not compile or run."""
+  try:
+    torch.manual_seed(FLAGS.seed)
+    step = torch_case(name, host, torch_device, c, jax_state, compiled=True)
+    sync = torch.cuda.synchronize if torch_device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    for _ in range(max(1, FLAGS.warmup)):
+      step()
+    sync()
+    warm = time.perf_counter() - t0
+    ms = []
+    for _ in range(FLAGS.repeats):
+      t0 = time.perf_counter()
+      for _ in range(FLAGS.steps):
+        step()
+      sync()
+      ms.append(1000 * (time.perf_counter() - t0) / FLAGS.steps)
+    return {"torch_compile": statistics.median(ms), "torch_compile_warm": warm,
+            "torch_compile_backend": FLAGS.compile_backend}
+  except Exception as e:  # pylint: disable=broad-except  (recorded: "where it works")
+    return {"torch_compile_error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
 
 
 # ----------------------------------------------------------------------------- profiles
@@ -413,7 +453,12 @@ def main(argv):
       rows.append(r)
       print(f"  {name}: JAX {r['jax']:.1f} ms/step {[round(x, 1) for x in r['jax_all']]} (warm-up "
             f"{r['jax_warm']:.1f} s) | PyTorch {r['torch']:.1f} ms/step {[round(x, 1) for x in r['torch_all']]} "
-            f"(warm-up {r['torch_warm']:.1f} s)", flush=True)
+            f"(warm-up {r['torch_warm']:.1f} s)" + (f" | torch.compile {r['torch_compile']:.1f} ms/step" if
+                                                    "torch_compile" in r else ""), flush=True)
+      if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+          json.dump({"machine": machine_line(jax_device, torch_device), "on_gpu": on_gpu, "tf32": FLAGS.tf32,
+                     "rows": rows}, f, indent=2)
   precision = "TF32 allowed" if FLAGS.tf32 else "full float32"
   print(f"\nTraining step (forward + backward + Adam update), ms/step, median of {FLAGS.repeats} repeats x "
         f"{FLAGS.steps} steps after {FLAGS.warmup} warm-up steps; both sides on "
@@ -421,10 +466,12 @@ def main(argv):
         "already in memory. JAX: a jitted method.loss -> grad -> optax Adam update taking the episode as "
         "an argument (model compute only; not the trainer's on-device sampling + augmentation scan). "
         "PyTorch: eager, fewshot_jax/torch_reference/steps.py.\n")
-  print("| case | JAX ms/step | PyTorch ms/step | PyTorch/JAX |")
-  print("|---|---:|---:|---:|")
+  compile_col = FLAGS.torch_compile
+  print("| case | JAX ms/step | PyTorch ms/step | PyTorch/JAX |" + (" torch.compile ms/step |" if compile_col else ""))
+  print("|---|---:|---:|---:|" + ("---:|" if compile_col else ""))
   for r in rows:
-    print(f"| {r['what']} | {r['jax']:.1f} | {r['torch']:.1f} | {r['torch'] / r['jax']:.2f} |")
+    extra = (f" {r['torch_compile']:.1f} |" if "torch_compile" in r else " failed |") if compile_col else ""
+    print(f"| {r['what']} | {r['jax']:.1f} | {r['torch']:.1f} | {r['torch'] / r['jax']:.2f} |{extra}")
   print(f"\n{machine_line(jax_device, torch_device)}")
 
 
