@@ -148,8 +148,8 @@ def test_optimizer_updates_only_unfixed_groups_and_frozen_batchnorm(flags, moves
 
 
 def test_tasks_batched_give_the_per_task_results_of_single_task_calls():
-  # One candidate and no flip: the deformation inputs do not depend on the key.
-  config = _config(choose_num=1, probe_flip=0.0)
+  # One candidate and no flips: the deformation inputs do not depend on the key.
+  config = _config(choose_num=1, probe_flip=0.0, gallery_flip=0.0)
   method = methods.build(config)
   params, state = _variables(method, config)
   ep = _episode(config, tasks=3)
