@@ -300,6 +300,9 @@ def convert_to_workdir(config, torch_checkpoint: str, workdir: str, overwrite: b
     train_data = input_pipeline.load(config, config.data.train_split, mesh)
     model_state = idemenet.attach_gallery(config, variables, train_data)
     model_state.pop("params")
+    # A conversion stores the file's statistics exactly (export -> convert is bit-identical);
+    # method.gallery_bn='train' recalibrates them when stage 2 starts from this workdir.
+    model_state["batch_stats"] = variables["batch_stats"]
   params = jax.tree.map(jax.numpy.asarray, variables["params"])
   wanted = jax.tree.map(lambda x: x.shape, fresh.params)
   if jax.tree.map(lambda x: x.shape, params) != wanted:
