@@ -8,6 +8,7 @@ classification loss over real and deformed supports, scale's constant
 learning rate, round-2 loading.
 """
 
+import functools
 import io
 import tarfile
 
@@ -128,13 +129,20 @@ def test_bad_faithfulness_settings_name_the_key():
 # IDeMe-Net ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _ideme_variables():
+  """test_idemenet's small IDeMe-Net's (params, state), built once: no method.* value below changes them."""
+  from tests import test_idemenet as ti  # pylint: disable=g-import-not-at-top
+  config = ti._config()  # pylint: disable=protected-access
+  return ti._variables(methods.build(config), config)  # pylint: disable=protected-access
+
+
 def _ideme(**method):
   """(test_idemenet module, config, method, params, state) of test_idemenet's small IDeMe-Net."""
   from tests import test_idemenet as ti  # pylint: disable=g-import-not-at-top
   config = ti._config(**method)  # pylint: disable=protected-access
-  m = methods.build(config)
-  params, state = ti._variables(m, config)  # pylint: disable=protected-access
-  return ti, config, m, params, state
+  params, state = _ideme_variables()
+  return ti, config, methods.build(config), params, state
 
 
 def _variant(ti, **method):
