@@ -21,10 +21,13 @@ from tests.conftest import REPO, load_config
 
 # Small and quick: 5-way training on the synthetic preset, checkpoints every 4 steps, 2 steps per
 # host call; SGD at a small lr, as the 1-vs-8-device test: gloo and in-process collectives sum in
-# different orders, and larger steps amplify that rounding (measured, 2 x 2 vs 1 x 4 devices: 2e-7
-# relative after 1 step at lr 0.01, 2e-3 after 40; 3.8e-6 after 40 at lr 1e-3).
+# different orders (measured, 2 x 2 vs 1 x 4 devices at lr 1e-3: 3e-8 relative after 1 step, 1.0e-7
+# after 4). That rounding is not bounded over a run: once it flips which of two tied maximum-pool
+# inputs receives the gradient (step 8 in this run), the two runs take different, equally valid paths
+# (1e-5 relative after 8 steps, 1.1e-2 after 40 with jax 0.10.2), so the tight comparison is at the
+# step-4 checkpoint, which every checkpoint is kept for.
 _OVERRIDES = {"episode.train_ways": 5, "episode.queries": 2, "train.steps": 40, "train.eval_every": 20,
-              "train.checkpoint_every": 4, "train.log_every": 4, "train.steps_per_call": 2,
+              "train.checkpoint_every": 4, "train.log_every": 4, "train.steps_per_call": 2, "train.keep_checkpoints": 12,
               "train.optimizer": "sgd", "train.lr": 1e-3, "eval.val_episodes": 16, "eval.episodes": 48}
 _TIMEOUT = 240
 
@@ -80,9 +83,9 @@ def _config(data_dir):
   return c
 
 
-def _latest_params(config, workdir):
-  _, state = checkpoint.load_for_eval(config, str(workdir), sharding.make_mesh(), "latest")
-  return int(state.step), [np.asarray(x) for x in jax.tree.leaves(state.params)]
+def _latest_params(config, workdir, step=None):
+  _, state = checkpoint.load_for_eval(config, str(workdir), sharding.make_mesh(), "latest", step=step)
+  return int(state.step), np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(state.params)])
 
 
 def test_two_processes_train_preempt_resume_and_evaluate(tmp_path):
@@ -129,11 +132,14 @@ def test_two_processes_train_preempt_resume_and_evaluate(tmp_path):
   # The same config in one process of 4 devices, uninterrupted, the images replicated.
   single = tmp_path / "single"
   assert _wait(_start(single, data_dir, logs, processes=1, devices=4, tag="single")) == [0]
-  step_pod, pod_params = _latest_params(config, pod)
-  step_one, one_params = _latest_params(config, single)
+  # Step 4: equal up to summation order. Each update moves the parameters ~7e-3 relative, so a wrong
+  # gradient average or a different episode would show as 1e-3 or more; the rounding is 1e-7.
+  (_, a), (_, b) = _latest_params(config, pod, 4), _latest_params(config, single, 4)
+  assert np.linalg.norm(a - b) <= 1e-6 * np.linalg.norm(b), np.linalg.norm(a - b) / np.linalg.norm(b)
+  # Step 40 (after the preemption and resume): the same run up to tie flips (see _OVERRIDES).
+  (step_pod, a), (step_one, b) = _latest_params(config, pod), _latest_params(config, single)
   assert step_pod == step_one == 40
-  a, b = np.concatenate([x.ravel() for x in pod_params]), np.concatenate([x.ravel() for x in one_params])
-  assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b), np.linalg.norm(a - b) / np.linalg.norm(b)
+  assert np.linalg.norm(a - b) <= 5e-2 * np.linalg.norm(b), np.linalg.norm(a - b) / np.linalg.norm(b)
 
   # eval_test.json of the 2-process run equals a 1-process evaluation of the same checkpoint.
   written = json.loads(_read(pod / "eval_test.json"))
