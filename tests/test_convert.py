@@ -407,7 +407,7 @@ def test_convert_mode_round_trip(make_config, tmp_path):
   """--mode=convert writes orbax checkpoints that load like any other and give PyTorch's outputs:
   a softRandom-like embedding file (stage 1) and a DataParallel GNet file (stage 2, gallery built
   from the real base classes with the converted embedding)."""
-  from fewshot_jax import checkpoint
+  from fewshot_jax import restore
   from fewshot_jax import sharding
   from fewshot_jax.methods import idemenet as idemenet_method
   size = 64  # as the other parity tests: at 32 px the 1x1 layer4 maps amplify float32 noise
@@ -417,7 +417,7 @@ def test_convert_mode_round_trip(make_config, tmp_path):
   torch.save(net.state_dict(), tmp_path / "softRandom.t7")
   stage1 = make_config("idemenet", "pretrain", **small)
   convert.convert_to_workdir(stage1, str(tmp_path / "softRandom.t7"), str(tmp_path / "e"))
-  _, state = checkpoint.load_for_eval(stage1, str(tmp_path / "e"), sharding.make_mesh(), "best")
+  _, state = restore.load_for_eval(stage1, str(tmp_path / "e"), sharding.make_mesh(), "best")
   x = _images(3, size, seed=5)
   _embedding_parity({"params": state.params, **state.model_state}, net, x, "converted workdir")
   direct = convert.embedding_from_torch(convert.load_state_dict(tmp_path / "softRandom.t7"))
@@ -428,10 +428,10 @@ def test_convert_mode_round_trip(make_config, tmp_path):
   torch.save(other.state_dict(), tmp_path / "other.t7")
   with pytest.raises(ConfigError, match="already holds checkpoints"):
     convert.convert_to_workdir(stage1, str(tmp_path / "other.t7"), str(tmp_path / "e"))
-  _, kept = checkpoint.load_for_eval(stage1, str(tmp_path / "e"), sharding.make_mesh(), "best")
+  _, kept = restore.load_for_eval(stage1, str(tmp_path / "e"), sharding.make_mesh(), "best")
   np.testing.assert_array_equal(jax.tree.leaves(kept.params)[0], jax.tree.leaves(state.params)[0])
   convert.convert_to_workdir(stage1, str(tmp_path / "other.t7"), str(tmp_path / "e"), overwrite=True)
-  _, replaced = checkpoint.load_for_eval(stage1, str(tmp_path / "e"), sharding.make_mesh(), "best")
+  _, replaced = restore.load_for_eval(stage1, str(tmp_path / "e"), sharding.make_mesh(), "best")
   want = convert.embedding_from_torch(convert.load_state_dict(tmp_path / "other.t7"))
   for a, b in zip(jax.tree.leaves(want["params"]), jax.tree.leaves(replaced.params)):
     np.testing.assert_array_equal(a, b)
@@ -441,7 +441,7 @@ def test_convert_mode_round_trip(make_config, tmp_path):
   torch.save({f"module.{k}": v for k, v in gnet.state_dict().items()}, tmp_path / "metaNet_1shot.t7")
   stage2 = make_config("idemenet", "mini-5w1s", **small)
   convert.convert_to_workdir(stage2, str(tmp_path / "metaNet_1shot.t7"), str(tmp_path / "g"))
-  _, state2 = checkpoint.load_for_eval(stage2, str(tmp_path / "g"), sharding.make_mesh(), "best")
+  _, state2 = restore.load_for_eval(stage2, str(tmp_path / "g"), sharding.make_mesh(), "best")
   variables = {"params": state2.params, "batch_stats": state2.model_state["batch_stats"]}
   _gnet_parity(gnet, probe, gallery, variables, 3, "converted workdir")
   g = state2.model_state["gallery"]

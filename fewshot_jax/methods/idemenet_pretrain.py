@@ -12,6 +12,8 @@ episodes (squared Euclidean distance of its 512-d features), so the stage-1
 checkpoint that stage 2 loads is selected on validation classes.
 """
 
+import importlib
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -31,12 +33,12 @@ class Batch:
   labels: jax.Array  # [B] int32 base class
 
 
-_KEYS = ("batch_size", "images_per_class", "mix_prob", "grid", "flip_prob", "crop_scale", "num_classes")
+KEYS = ("batch_size", "images_per_class", "mix_prob", "grid", "flip_prob", "crop_scale", "num_classes")
 
 
-def build(config: ml_collections.ConfigDict) -> common.Method:
+def check_config(config: ml_collections.ConfigDict) -> None:
   mc = config.method
-  missing = [k for k in _KEYS if k not in mc]
+  missing = [k for k in KEYS if k not in mc]
   if missing:
     raise ConfigError(f"method.name='idemenet_pretrain' needs method.{', method.'.join(missing)}; "
                       "start from configs/idemenet.py:pretrain")
@@ -45,6 +47,11 @@ def build(config: ml_collections.ConfigDict) -> common.Method:
       raise ConfigError(f"method.{key}={mc[key]!r} must be a positive integer")
   if not 0.0 <= mc.mix_prob <= 1.0:
     raise ConfigError(f"method.mix_prob={mc.mix_prob} must lie in [0, 1]")
+
+
+def build(config: ml_collections.ConfigDict) -> common.Method:
+  check_config(config)
+  mc = config.method
   size = idemenet.input_size(config)
   model = idemenet.embedding_model(config)
   batch, per_class = mc.batch_size, mc.images_per_class
@@ -91,5 +98,6 @@ def build(config: ml_collections.ConfigDict) -> common.Method:
     logits = lambda s, y, q: -common.squared_distances(q, common.prototypes(s, y, ways))
     return jax.vmap(logits)(support, episode.support_labels, query)
 
+  bridge = lambda: importlib.import_module("fewshot_jax.methods.idemenet_torch").pretrain_bridge(config)
   return common.Method("idemenet_pretrain", init, loss, predict, train_batch=train_batch,
-                       train_example=train_example)
+                       train_example=train_example, torch_bridge=bridge)

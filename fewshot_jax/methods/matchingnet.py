@@ -7,6 +7,7 @@ logit; softmax cross-entropy of log-probabilities equals -log p up to eps).
 """
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,9 @@ import ml_collections
 
 from fewshot_jax.methods import common
 from fewshot_jax.models import backbones
+
+
+KEYS = ("cosine_scale", "eps")
 
 
 def cosine_matching(query, support, support_labels, ways: int, scale: float, eps: float):
@@ -31,4 +35,5 @@ def head(support, support_labels, query, ways, *, scale, eps):
 
 def build(config: ml_collections.ConfigDict) -> common.Method:
   scored = functools.partial(head, scale=config.method.cosine_scale, eps=config.method.eps)
-  return common.metric_method("matchingnet", backbones.from_config(config), scored)
+  bridge = lambda: importlib.import_module("fewshot_jax.methods.matchingnet_torch").bridge(config)
+  return common.metric_method("matchingnet", backbones.from_config(config), scored, torch_bridge=bridge)

@@ -1,9 +1,14 @@
 """Prototypical Networks (Snell et al. 2017): squared Euclidean distance to class-mean prototypes."""
 
+import importlib
+
 import ml_collections
 
 from fewshot_jax.methods import common
 from fewshot_jax.models import backbones
+
+
+KEYS = ()  # no keys of its own under method.*
 
 
 def head(support, support_labels, query, ways):
@@ -12,4 +17,5 @@ def head(support, support_labels, query, ways):
 
 
 def build(config: ml_collections.ConfigDict) -> common.Method:
-  return common.metric_method("protonet", backbones.from_config(config), head)
+  bridge = lambda: importlib.import_module("fewshot_jax.methods.protonet_torch").bridge(config)
+  return common.metric_method("protonet", backbones.from_config(config), head, torch_bridge=bridge)
