@@ -44,8 +44,8 @@ DATASETS = tuple(DATASET_TABLE)
 SCHEMES = {name: row["schemes"] for name, row in DATASET_TABLE.items()}
 CHANNELS = {name: row["channels"] for name, row in DATASET_TABLE.items()}
 # Evaluation protocols (evaluate.py): 'standard' = eval.episodes episodes with
-# eval.queries queries per class, no augmentation; 'reference' = as the LGM-Net
-# code: eval.reference_tasks tasks of ONE query each, training augmentation on.
+# eval.queries queries per class, no augmentation; 'reference' = as the weight
+# generators' TF code: eval.reference_tasks tasks of ONE query each, training augmentation on.
 PROTOCOLS = ("standard", "reference")
 _MANUAL_SUBDIR = {name: row["manual_subdir"] for name, row in DATASET_TABLE.items()}
 
@@ -64,7 +64,7 @@ def default_data_dir() -> str:
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # method.*: the method's own keys, declared by methods/<name>.py (KEYS) and set by configs/<name>.py.
-  c.method = ml_collections.ConfigDict(dict(name="protonet"))
+  c.method = ml_collections.ConfigDict(dict(name=""))
   # model.remat: recompute each backbone block in the backward pass (less activation
   # memory, more FLOPs: benchmarks/steps.py); parameter names are the same either way.
   c.model = ml_collections.ConfigDict(dict(backbone="conv4", features=64, dtype="float32", conv_impl="auto",
@@ -83,17 +83,17 @@ def base_config() -> ml_collections.ConfigDict:
       # gathered from their owners inside the step (data/episodes.take_images).
       placement="replicated"))
   # class_rotations: one angle per class of a task, drawn from this list. The
-  # rotation is scipy.ndimage.rotate(reshape=False, mode='nearest') as the LGM-Net
-  # code (rotation_order 3: cubic spline; edge pixels replicated); order 1 with
+  # rotation is scipy.ndimage.rotate(reshape=False, mode='nearest') as the weight
+  # generators' TF code (rotation_order 3: cubic spline; edge pixels replicated); order 1 with
   # rotation_mode 'constant' is the bilinear zero-fill rotation, whose blank corners give the angle away.
   c.augment = ml_collections.ConfigDict(dict(flip_prob=0.0, class_rotations=(), rotation_order=3,
                                              rotation_mode="nearest"))
   # episode.* is the task trained on and evaluated; train_ways (0 = ways) trains
   # on higher-way episodes, as Snell et al. do on Omniglot. query_sampling
   # 'per_class': `queries` queries of every class; 'per_task': `queries` per task,
-  # each of a class drawn uniformly (the LGM-Net code trains on one per task).
+  # each of a class drawn uniformly (the weight generators' TF code trains on one per task).
   # disjoint_queries=False draws queries independently of the supports (a query may
-  # repeat a support image), as the IDeMe-Net code does, in training and evaluation.
+  # repeat a support image), as the deformation network's PyTorch code does, in training and evaluation.
   c.episode = ml_collections.ConfigDict(dict(ways=5, shots=1, queries=5, tasks=1, train_ways=0,
                                              query_sampling="per_class", disjoint_queries=True))
   # train.checkpoint_every: the latest checkpoint's own cadence (it is also
@@ -203,7 +203,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 LOOPS = ("auto", "scan", "python")
 # (order, mode) of augment.rotate: scipy's cubic spline with edge replication
-# (the LGM-Net code), bilinear with edge replication, bilinear with zero fill.
+# (the weight generators' TF code), bilinear with edge replication, bilinear with zero fill.
 ROTATIONS = ((3, "nearest"), (1, "nearest"), (1, "constant"))
 NONFINITE = ("stop", "skip")
 # Keys a resumed run may change without train.allow_config_change: run length,

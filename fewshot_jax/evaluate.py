@@ -58,7 +58,7 @@ class Evaluator:
   """Scores (params, model_state) on `num_episodes` episodes of one split under one protocol.
 
   'standard': N-way K-shot episodes with eval.queries queries per class and no
-  augmentation. 'reference' (the LGM-Net code's test): tasks with ONE query,
+  augmentation. 'reference' (the weight generators' TF code's test): tasks with ONE query,
   drawn uniformly from the task's classes, and the training augmentation
   (per-class rotation) applied. Every prediction mode of the method is scored
   on the same episodes and the same noise.
