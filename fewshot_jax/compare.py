@@ -50,7 +50,7 @@ def compare_on_episodes(config: ml_collections.ConfigDict, params, state,
   (and "jax_logits" / "torch_logits" [E, Q, N] when return_logits).
   """
   method = methods.build(config)
-  bridge = methods.torch_bridge(method, "compare")
+  bridge = methods.torch_bridge(config, {"params": params, **state}, "compare")
 
   @jax.jit
   def side(params, state, episode, key):
@@ -128,7 +128,7 @@ def compare_checkpoint(config: ml_collections.ConfigDict, workdir: str, episodes
   keeps --mode=eval's numbers.
   """
   config_lib.validate(config)
-  methods.torch_bridge(methods.build(config), "compare")
+  methods.torch_bridge(config, restore.variable_shapes(config), "compare")  # before any work
   num = config.eval.episodes if episodes is None else episodes
   if not isinstance(num, int) or isinstance(num, bool) or num < 1:
     raise ConfigError(f"the number of episodes to compare must be a positive integer, not {num!r}")

@@ -11,7 +11,6 @@ the key layouts live in state_dicts.py and the methods' bridges; this module
 only moves whole models between files and workdirs.
 """
 
-import functools
 import os
 import shutil
 
@@ -41,7 +40,8 @@ def convert_to_workdir(config, torch_checkpoint: str, workdir: str, overwrite: b
   """
   config_lib.validate(config)
   method = methods.build(config)
-  bridge = methods.torch_bridge(method, "convert")
+  fresh = restore.abstract_state(method, config)  # shapes only: nothing is initialised or compiled
+  bridge = methods.torch_bridge(config, {"params": fresh.params, **fresh.model_state}, "convert")
   state_dict = load_state_dict(torch_checkpoint)  # first: a bad file fails before any model work
   held = [d for d in ("checkpoints", "best") if os.path.isdir(os.path.join(workdir, d)) and
           os.listdir(os.path.join(workdir, d))]
@@ -51,8 +51,6 @@ def convert_to_workdir(config, torch_checkpoint: str, workdir: str, overwrite: b
                       "pass --overwrite to replace them")
   mesh = sharding.make_mesh()
   tx = state_lib.optimizer_for(method, config)
-  example = state_lib.train_example(method, config)
-  fresh = jax.jit(functools.partial(state_lib.init_state, method, tx))(jax.random.key(0), example)
   variables = bridge.from_torch(state_dict, source=torch_checkpoint)
   if bridge.complete is not None:
     model_state = bridge.complete(variables, lambda: input_pipeline.load(config, config.data.train_split, mesh))
@@ -63,7 +61,7 @@ def convert_to_workdir(config, torch_checkpoint: str, workdir: str, overwrite: b
   if shapes(params) != shapes(fresh.params) or shapes(model_state) != shapes(fresh.model_state):
     raise CheckpointError(f"{torch_checkpoint} converts to variables that do not fit the model of the config "
                           f"(method.name={method.name!r}); check method.* / model.* / data.input_size")
-  state = state_lib.TrainState(step=fresh.step, params=params, model_state=model_state,
+  state = state_lib.TrainState(step=jax.numpy.zeros((), fresh.step.dtype), params=params, model_state=model_state,
                                opt_state=tx.init(params))
   state = jax.device_put(state, sharding.replicated(mesh))
   os.makedirs(workdir, exist_ok=True)
@@ -96,7 +94,7 @@ def export_checkpoint(config, workdir: str, path: str) -> dict:
   into the same variables. Written through a temporary file and a rename: a crash never leaves a
   partial file at `path`."""
   config_lib.validate(config)
-  bridge = methods.torch_bridge(methods.build(config), "export")
+  bridge = methods.torch_bridge(config, restore.variable_shapes(config), "export")
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):  # before the checkpoint is read
     raise ConfigError(f"cannot write --torch_checkpoint={path!r}: {directory} is not a directory")

@@ -22,6 +22,12 @@ def abstract_state(method, config):
   return jax.eval_shape(functools.partial(state_lib.init_state, method, tx), jax.random.key(0), example)
 
 
+def variable_shapes(config) -> dict:
+  """{'params', 'batch_stats', ...}: the shapes of the variables of config's model."""
+  abstract = abstract_state(methods.build(config), config)
+  return {"params": abstract.params, **abstract.model_state}
+
+
 def load_for_eval(config, workdir, mesh, which: str, step: int | None = None):
   """(method, state) of the best (or latest) checkpoint in workdir, replicated over `mesh`.
 

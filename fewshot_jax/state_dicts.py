@@ -351,7 +351,7 @@ def nchw(x, device):
   torch = torch_module()
   x = np.asarray(x, np.float32)
   x = x.reshape((-1,) + x.shape[-3:]).transpose(0, 3, 1, 2)
-  return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+  return torch.from_numpy(np.array(x, order="C")).to(device)  # a copy: device_get's arrays are read-only
 
 
 def chunked(fn, *arrays, chunk: int, device):

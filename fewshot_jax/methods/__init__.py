@@ -1,12 +1,14 @@
 """Method registry: config.method.name -> build(config) -> Method.
 
 A method is its own files (methods/<name>.py, optionally methods/<name>_torch.py
-for its PyTorch bridge), one line in METHODS and a config file
+for its PyTorch bridge: a function bridge(config, shapes) -> state_dicts.TorchBridge),
+one line in METHODS and a config file
 (configs/<name>.py). Each method module declares `KEYS` (every key it reads
 under method.*) and may define `check_config(config)`; config.validate runs them.
 """
 
 import importlib
+import importlib.util
 
 from fewshot_jax.errors import ConfigError
 
@@ -41,11 +43,23 @@ def build(config):
   return module(config.method.name).build(config)
 
 
-def torch_bridge(method, mode: str):
-  """The method's TorchBridge (imports torch), or one ConfigError for a method without one."""
-  if method.torch_bridge is None:
-    raise ConfigError(f"--mode={mode} needs a PyTorch bridge (methods/<name>_torch.py), which "
-                      f"method.name={method.name!r} has not")
+def torch_bridge_module(name: str):
+  """methods/<name>_torch.py, the method's PyTorch bridge, or None where it has none."""
+  path = f"fewshot_jax.methods.{name}_torch"
+  if importlib.util.find_spec(path) is None:
+    return None
+  return importlib.import_module(path)
+
+
+def torch_bridge(config, shapes, mode: str):
+  """The TorchBridge of config's method (imports torch), or one ConfigError for a method without
+  one. `shapes`: the model's variables {'params', 'batch_stats', ...} or their jax.eval_shape."""
   from fewshot_jax import state_dicts  # pylint: disable=import-outside-toplevel
+  name = config.method.name
+  module(name)
   state_dicts.torch_module()
-  return method.torch_bridge()
+  bridge_module = torch_bridge_module(name)
+  if bridge_module is None:
+    raise ConfigError(f"--mode={mode} needs a PyTorch bridge (methods/<name>_torch.py), which "
+                      f"method.name={name!r} has not")
+  return bridge_module.bridge(config, shapes)

@@ -27,7 +27,7 @@ class Method:
     prediction mode from one pass (None: the one mode 'default' = predict);
     eval_mode: the mode that selects checkpoints and heads eval_<split>.json.
   figures: Figures written beside an evaluation, or None.
-  torch_bridge() -> TorchBridge (methods/<name>_torch.py; imports torch), or None.
+  The optional PyTorch bridge is methods/<name>_torch.py (see methods.torch_bridge).
   """
 
   name: str
@@ -41,7 +41,6 @@ class Method:
   predict_all_modes: Callable[..., Any] | None = None
   eval_mode: str = "default"
   figures: "Figures | None" = None
-  torch_bridge: Callable[[], Any] | None = None
 
   def modes(self, params, state, episode, key) -> dict:
     """{mode: logits [T, N*Q, N]} for every prediction mode."""

@@ -33,7 +33,6 @@ baseline, the ablation), both from one pass on the same episodes.
 """
 
 import dataclasses
-import importlib
 import json
 import os
 from typing import Any, Callable
@@ -422,5 +421,4 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
   return IDeMeNetMethod("idemenet", init, loss, predict, optimizer=make_optimizer, setup=setup,
                         predict_all_modes=predict_all_modes, eval_mode=mc.eval_mode,
                         figures=common.Figures(figure_data, write_figure),
-                        torch_bridge=lambda: importlib.import_module("fewshot_jax.methods.idemenet_torch").bridge(config),
                         deform=deform)

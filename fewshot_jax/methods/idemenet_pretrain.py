@@ -12,8 +12,6 @@ episodes (squared Euclidean distance of its 512-d features), so the stage-1
 checkpoint that stage 2 loads is selected on validation classes.
 """
 
-import importlib
-
 import flax
 import jax
 import jax.numpy as jnp
@@ -98,6 +96,5 @@ def build(config: ml_collections.ConfigDict) -> common.Method:
     logits = lambda s, y, q: -common.squared_distances(q, common.prototypes(s, y, ways))
     return jax.vmap(logits)(support, episode.support_labels, query)
 
-  bridge = lambda: importlib.import_module("fewshot_jax.methods.idemenet_torch").pretrain_bridge(config)
   return common.Method("idemenet_pretrain", init, loss, predict, train_batch=train_batch,
-                       train_example=train_example, torch_bridge=bridge)
+                       train_example=train_example)

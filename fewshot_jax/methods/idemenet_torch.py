@@ -114,7 +114,7 @@ def _features(net, ep, chunk, device):
   return sf, qf, torch.from_numpy(np.asarray(ep["support_labels"], np.int64))
 
 
-def pretrain_bridge(config: ml_collections.ConfigDict) -> state_dicts.TorchBridge:
+def pretrain_bridge(config: ml_collections.ConfigDict, shapes=None) -> state_dicts.TorchBridge:
   """Stage 1: the ClassificationNetwork (softRandom.t7's keys), scored as a prototype classifier."""
   num_classes = config.method.num_classes
 
@@ -132,7 +132,7 @@ def pretrain_bridge(config: ml_collections.ConfigDict) -> state_dicts.TorchBridg
       logits=logits)
 
 
-def bridge(config: ml_collections.ConfigDict) -> state_dicts.TorchBridge:
+def bridge(config: ml_collections.ConfigDict, shapes=None) -> state_dicts.TorchBridge:
   """Stage 2: GNet (metaNet_*.t7's keys, the duplicate trunk included)."""
   mc = config.method
   size = augment.input_size(config)

@@ -18,7 +18,6 @@ all three from one run of the extractor and context encoder.
 """
 
 import dataclasses
-import importlib
 from typing import Any, Callable
 
 import jax
@@ -220,6 +219,5 @@ def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
     return generate(params, embed(params, state, episode, False)[2], noise)
 
   return LGMNetMethod("lgmnet", init, loss, predict, predict_all_modes=predict_all_modes, eval_mode=mc.eval_mode,
-                      torch_bridge=lambda: importlib.import_module("fewshot_jax.methods.lgmnet_torch").bridge(config),
                       log_probs=eval_log_probs, noise_shape=noise_shape,
                       generated_weights=generated_weights, train_log_probs=train_log_probs)

@@ -8,14 +8,11 @@ very same generated networks; PyTorch computes everything else (extractor,
 context encoder, weight generator, TargetNet, matching, majority vote).
 """
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import torch
 
-from fewshot_jax import config as config_lib
-from fewshot_jax import state as state_lib
 from fewshot_jax import state_dicts
 from fewshot_jax.errors import ConfigError
 from fewshot_jax.methods import lgmnet
@@ -28,10 +25,10 @@ def _vote(log_p, ways: int):
   return counts + 0.5 * torch.softmax(log_p.mean(0), dim=-1)
 
 
-def bridge(config: ml_collections.ConfigDict) -> state_dicts.TorchBridge:
+def bridge(config: ml_collections.ConfigDict, shapes) -> state_dicts.TorchBridge:
   method = lgmnet.build(config)
-  channels = config_lib.CHANNELS[config.data.name]
-  shapes = jax.eval_shape(method.init, jax.random.key(0), state_lib.train_example(method, config))
+  channels = shapes["params"]["extractor"]["conv1"]["kernel"].shape[2]
+  shapes = {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
   draws = config.method.ensemble_draws
 
   def from_torch(state_dict, source="state_dict"):
@@ -65,7 +62,7 @@ def bridge(config: ml_collections.ConfigDict) -> state_dicts.TorchBridge:
       out = {}
       for mode, z in noise.items():
         z = np.swapaxes(np.asarray(z, np.float32), 0, 1)  # [D, T, L, Z]
-        log_p = torch.stack([net(support, labels, query, ways, torch.from_numpy(np.ascontiguousarray(d)).to(device))
+        log_p = torch.stack([net(support, labels, query, ways, torch.from_numpy(np.array(d, order="C")).to(device))
                              for d in z]).cpu()
         out[mode] = _vote(log_p, ways) if mode == "ensemble" else log_p[0]
       return out

@@ -7,7 +7,6 @@ logit; softmax cross-entropy of log-probabilities equals -log p up to eps).
 """
 
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -35,5 +34,4 @@ def head(support, support_labels, query, ways, *, scale, eps):
 
 def build(config: ml_collections.ConfigDict) -> common.Method:
   scored = functools.partial(head, scale=config.method.cosine_scale, eps=config.method.eps)
-  bridge = lambda: importlib.import_module("fewshot_jax.methods.matchingnet_torch").bridge(config)
-  return common.metric_method("matchingnet", backbones.from_config(config), scored, torch_bridge=bridge)
+  return common.metric_method("matchingnet", backbones.from_config(config), scored)

@@ -8,7 +8,7 @@ from fewshot_jax.methods import protonet_torch
 from fewshot_jax.torch_reference.lgmnet import cosine_matching
 
 
-def bridge(config: ml_collections.ConfigDict) -> state_dicts.TorchBridge:
+def bridge(config: ml_collections.ConfigDict, shapes) -> state_dicts.TorchBridge:
   scale, eps = config.method.cosine_scale, config.method.eps
   head = lambda support, labels, query, ways: cosine_matching(query, support, labels, ways, scale, eps)
-  return protonet_torch.metric_bridge(config, head)
+  return protonet_torch.metric_bridge(config, shapes, head)

@@ -1,7 +1,5 @@
 """Prototypical Networks (Snell et al. 2017): squared Euclidean distance to class-mean prototypes."""
 
-import importlib
-
 import ml_collections
 
 from fewshot_jax.methods import common
@@ -17,5 +15,4 @@ def head(support, support_labels, query, ways):
 
 
 def build(config: ml_collections.ConfigDict) -> common.Method:
-  bridge = lambda: importlib.import_module("fewshot_jax.methods.protonet_torch").bridge(config)
-  return common.metric_method("protonet", backbones.from_config(config), head, torch_bridge=bridge)
+  return common.metric_method("protonet", backbones.from_config(config), head)

@@ -13,7 +13,6 @@ import ml_collections
 import numpy as np
 import torch
 
-from fewshot_jax import config as config_lib
 from fewshot_jax import state_dicts
 from fewshot_jax.errors import ConfigError
 from fewshot_jax.torch_reference import conv4 as torch_conv4
@@ -30,12 +29,13 @@ def conv4_from_torch(state_dict: Mapping, in_channels: int = 3, features: int = 
   return spec.convert(state_dict, source, f"Conv-{blocks}")
 
 
-def metric_bridge(config: ml_collections.ConfigDict, head: Callable) -> state_dicts.TorchBridge:
+def metric_bridge(config: ml_collections.ConfigDict, shapes, head: Callable) -> state_dicts.TorchBridge:
   """Conv-4 embeddings in PyTorch, then head(support [T, S, D], labels [T, S], query [T, Q, D],
-  ways) -> logits [T, Q, N] (torch), the counterpart of the method's JAX head."""
+  ways) -> logits [T, Q, N] (torch), the counterpart of the method's JAX head. `shapes`: the
+  model's variables (or their eval_shape), which give the input channels."""
   if config.model.backbone != "conv4":
     raise ConfigError(f"model.backbone={config.model.backbone!r} has no PyTorch reference; valid: ['conv4']")
-  channels = config_lib.CHANNELS[config.data.name]
+  channels = shapes["params"]["Conv_0"]["kernel"].shape[2]
   features = config.model.features
   from_torch = lambda sd, source="state_dict": conv4_from_torch(sd, channels, features, source=source)
 
@@ -58,8 +58,8 @@ def metric_bridge(config: ml_collections.ConfigDict, head: Callable) -> state_di
   return state_dicts.TorchBridge(from_torch=from_torch, to_torch=to_torch, logits=logits)
 
 
-def bridge(config: ml_collections.ConfigDict) -> state_dicts.TorchBridge:
+def bridge(config: ml_collections.ConfigDict, shapes) -> state_dicts.TorchBridge:
   def head(support, labels, query, ways):
     return torch.stack([state_dicts.prototype_logits(torch, support[i], labels[i], query[i], ways)
                         for i in range(support.shape[0])])
-  return metric_bridge(config, head)
+  return metric_bridge(config, shapes, head)
