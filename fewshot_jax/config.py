@@ -63,8 +63,10 @@ def default_data_dir() -> str:
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # method.*: the method's own keys, declared by methods/<name>.py (KEYS) and set by configs/<name>.py.
-  c.method = ml_collections.ConfigDict(dict(name=""))
+  # method.*: name and the matching heads' cosine_scale / eps are here, so that a config switches
+  # between metric methods by method.name alone; every other key is the method's own, declared by
+  # methods/<name>.py (KEYS) and set by configs/<name>.py.
+  c.method = ml_collections.ConfigDict(dict(name="", cosine_scale=1.0, eps=1e-8))
   # model.remat: recompute each backbone block in the backward pass (less activation
   # memory, more FLOPs: benchmarks/steps.py); parameter names are the same either way.
   c.model = ml_collections.ConfigDict(dict(backbone="conv4", features=64, dtype="float32", conv_impl="auto",
@@ -197,7 +199,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"model.conv_impl={c.model.conv_impl!r} is unknown; valid: {list(layers.CONV_IMPLS)}")
   backbones.dtype_from_config(c)
   backbones.remat_from_config(c)
-  methods.check_config(c)
+  methods.check_config(c, shared=tuple(base_config().method))
   return c
 
 

@@ -21,11 +21,11 @@ def module(name: str):
   return importlib.import_module(f"fewshot_jax.methods.{name}")
 
 
-def check_config(config) -> None:
-  """Every key under method.* is one the method declares, none is missing, and the method's own
-  checks pass (called by config.validate)."""
+def check_config(config, shared=("name",)) -> None:
+  """Every key under method.* is one the method declares (or one of the base config's `shared`
+  keys), none is missing, and the method's own checks pass (called by config.validate)."""
   mod = module(config.method.name)
-  declared = ("name",) + tuple(mod.KEYS)
+  declared = tuple(dict.fromkeys(tuple(shared) + tuple(mod.KEYS)))
   unknown = [k for k in config.method if k not in declared]
   if unknown:
     raise ConfigError(f"method.{unknown[0]} is not a key of method.name={config.method.name!r}; "
