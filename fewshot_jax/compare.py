@@ -145,7 +145,7 @@ def compare_checkpoint(config: ml_collections.ConfigDict, workdir: str, episodes
             "shots": config.episode.shots, "protocol": "standard", "step": int(state.step),
             "checkpoint": config.eval.checkpoint, "episodes": num,
             "queries_per_episode": config.eval.queries * config.episode.ways,
-            "default_mode": method.eval_mode,
+            "default_mode": method.checkpoint_mode(config),
             "jax_backend": jax.default_backend(), "jax_precision": precision or "default",
             "torch_device": str(state_dicts.torch_device()), "tolerance_points": TOLERANCE_POINTS,
             "modes": summarize_comparison(per_mode),

@@ -82,7 +82,7 @@ class Evaluator:
     sharding.check_tasks_divisible(self.tasks, mesh, "eval.tasks")
     self.num_episodes = num_episodes
     self.queries = 1 if reference else queries * ways  # per episode
-    self.default_mode = method.eval_mode
+    self.default_mode = method.checkpoint_mode(config)
     batch_sharding = sharding.task_sharded(mesh)
     sample_key, predict_key = episode_keys(config)
     self.predict_key = predict_key

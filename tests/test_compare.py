@@ -259,7 +259,7 @@ def test_every_method_compares_exports_and_converts_back(name, tmp_path, monkeyp
   monkeypatch.setattr(input_pipeline, "load", lambda *args, **kwargs: data)
   result = compare.compare_checkpoint(config, str(tmp_path / "run"), episodes=EPISODES)
   modes = {"lgmnet": {"single", "mean", "ensemble"}}.get(name, {"default"})
-  assert set(result["modes"]) == modes and result["default_mode"] == method.eval_mode
+  assert set(result["modes"]) == modes and result["default_mode"] == method.checkpoint_mode(config)
   for mode, m in result["modes"].items():
     _report(name, mode, m)
     assert m["difference"] <= compare.TOLERANCE_POINTS and m["prediction_agreement"] >= 0.99, (mode, m)

@@ -25,7 +25,8 @@ class Method:
   For evaluation and the PyTorch entry points (compare, export, convert):
   predict_all_modes(params, state, episode, key) -> {mode: logits}, every
     prediction mode from one pass (None: the one mode 'default' = predict);
-    eval_mode: the mode that selects checkpoints and heads eval_<split>.json.
+    eval_mode(config) -> the mode that selects checkpoints and heads eval_<split>.json (a
+    function of the config the evaluation runs under: the method's own knob; None: 'default').
   figures: Figures written beside an evaluation, or None.
   The optional PyTorch bridge is methods/<name>_torch.py (see methods.torch_bridge).
   """
@@ -39,7 +40,7 @@ class Method:
   train_example: Callable[..., Any] | None = None
   setup: Callable[..., Any] | None = None
   predict_all_modes: Callable[..., Any] | None = None
-  eval_mode: str = "default"
+  eval_mode: Callable[..., str] | None = None
   figures: "Figures | None" = None
 
   def modes(self, params, state, episode, key) -> dict:
@@ -47,6 +48,10 @@ class Method:
     if self.predict_all_modes is not None:
       return self.predict_all_modes(params, state, episode, key)
     return {"default": self.predict(params, state, episode, key)}
+
+  def checkpoint_mode(self, config) -> str:
+    """The prediction mode that selects checkpoints under `config`."""
+    return "default" if self.eval_mode is None else self.eval_mode(config)
 
 
 @dataclasses.dataclass(frozen=True)

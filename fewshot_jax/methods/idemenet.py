@@ -419,6 +419,6 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
     return {"figure": path, "patch_weight_mean": float(np.mean(weights))}
 
   return IDeMeNetMethod("idemenet", init, loss, predict, optimizer=make_optimizer, setup=setup,
-                        predict_all_modes=predict_all_modes, eval_mode=mc.eval_mode,
+                        predict_all_modes=predict_all_modes, eval_mode=lambda c: c.method.eval_mode,
                         figures=common.Figures(figure_data, write_figure),
                         deform=deform)

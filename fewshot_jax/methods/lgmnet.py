@@ -218,6 +218,6 @@ def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
   def generated_weights(params, state, episode, noise):
     return generate(params, embed(params, state, episode, False)[2], noise)
 
-  return LGMNetMethod("lgmnet", init, loss, predict, predict_all_modes=predict_all_modes, eval_mode=mc.eval_mode,
+  return LGMNetMethod("lgmnet", init, loss, predict, predict_all_modes=predict_all_modes, eval_mode=lambda c: c.method.eval_mode,
                       log_probs=eval_log_probs, noise_shape=noise_shape,
                       generated_weights=generated_weights, train_log_probs=train_log_probs)
