@@ -15,9 +15,9 @@ import ml_collections
 import numpy as np
 
 from fewshot_jax import checkpoint
-from fewshot_jax import restore
 from fewshot_jax import config as config_lib
 from fewshot_jax import multihost
+from fewshot_jax import restore
 from fewshot_jax import sharding
 from fewshot_jax.data import augment as augment_lib
 from fewshot_jax.data import episodes
@@ -87,6 +87,7 @@ class Evaluator:
     sample_key, predict_key = episode_keys(config)
     self.predict_key = predict_key
     sampling = protocol_sampling(config, self.protocol)
+
     def sample(dataset, start):
       episode = sample_batch(sample_key, dataset, start, self.tasks, **sampling)
       return jax.lax.with_sharding_constraint(episode, batch_sharding)
