@@ -1,7 +1,7 @@
 """fewshot_jax launcher: `python launch.py --config=configs/<method>.py:<preset> --workdir=DIR --mode=...`.
 
-With no flags it runs the main job on the embedded default: ProtoNet on the
-procedural `synthetic` dataset (no files needed), train then evaluate.
+With no flags it runs the main job on the embedded default, configs/default.py
+(a method on the procedural `synthetic` dataset: no files needed), train then evaluate.
 """
 
 import json
@@ -20,7 +20,7 @@ from fewshot_jax import xla_setup
 xla_setup.set_cpu_defaults()  # before anything creates a JAX backend
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_DEFAULT_CONFIG = os.path.join(_HERE, "configs", "protonet.py") + ":synthetic"
+_DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py") + ":synthetic"
 
 
 
@@ -114,12 +114,12 @@ except (AttributeError, KeyError, TypeError, ValueError) as err:
   _fail(_override_problem(err, sys.argv))
 flags.DEFINE_string("workdir", os.path.join("workdirs", "default"), "Checkpoints, logs and results.")
 flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval", "convert", "compare", "export"],
-                  "What to run. convert: --torch_checkpoint -> an orbax checkpoint in --workdir "
-                  "(IDeMe-Net presets); compare: evaluate the workdir's model in JAX and PyTorch on "
+                  "What to run. convert: --torch_checkpoint (a PyTorch state_dict in the authors' "
+                  "format) -> an orbax checkpoint in --workdir; compare: evaluate the workdir's model in JAX and PyTorch on "
                   "the same episodes; export: the workdir's model -> --torch_checkpoint, a PyTorch "
                   "state_dict in the authors' format.")
-flags.DEFINE_string("torch_checkpoint", None, "PyTorch file read by --mode=convert (softRandom.t7, "
-                    "metaNet_*.t7) or written by --mode=export.")
+flags.DEFINE_string("torch_checkpoint", None, "PyTorch file read by --mode=convert or written by "
+                    "--mode=export (the key layouts: methods/*_torch.py).")
 flags.DEFINE_bool("overwrite", False, "With --mode=convert: replace the checkpoints a workdir already holds.")
 flags.DEFINE_bool("distributed", False, "Several processes (a pod, multi-GPU, N processes on one machine): "
                   "join a JAX cluster first. Slurm, Open MPI, Kubernetes and Cloud TPU are detected; "
@@ -195,8 +195,8 @@ def main(argv):
     if FLAGS.mode == "export":
       if not FLAGS.torch_checkpoint:
         _fail("--mode=export needs --torch_checkpoint=PATH (the file to write)")
-      from fewshot_jax import compare  # pylint: disable=g-import-not-at-top
-      print(json.dumps(compare.export_checkpoint(config, FLAGS.workdir, FLAGS.torch_checkpoint)))
+      from fewshot_jax import convert  # pylint: disable=g-import-not-at-top
+      print(json.dumps(convert.export_checkpoint(config, FLAGS.workdir, FLAGS.torch_checkpoint)))
     if FLAGS.mode == "compare":
       from fewshot_jax import compare  # pylint: disable=g-import-not-at-top
       result = compare.compare_checkpoint(config, FLAGS.workdir)

@@ -21,6 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from fewshot_jax import checkpoint  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fewshot_jax import restore  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fewshot_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fewshot_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -52,7 +53,7 @@ def main(argv):
   evaluators, rows = {}, []
   print(f"{'step':>6} " + " ".join(f"{p:>22}" for p in FLAGS.protocols), flush=True)
   for step in steps:
-    method, state = checkpoint.load_for_eval(config, FLAGS.workdir, mesh, "latest", step)
+    method, state = restore.load_for_eval(config, FLAGS.workdir, mesh, "latest", step)
     row = {"step": step}
     for protocol in FLAGS.protocols:
       if protocol not in evaluators:

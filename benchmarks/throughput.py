@@ -68,7 +68,8 @@ def time_case(case: str, datasets: dict) -> dict:
   if key not in datasets:
     datasets[key] = input_pipeline.load(c, c.data.train_split, mesh)
   data = datasets[key]
-  method, tx = methods.build(c), state_lib.make_optimizer(c)
+  method = methods.build(c)
+  tx = state_lib.optimizer_for(method, c)  # the method's own optimiser where it has one, as the trainer
   example = episodes.episode_shapes(ways, shots, queries, tasks, input_pipeline.input_shape(c))
   st = jax.jit(lambda k: state_lib.init_state(method, tx, k, example),
                out_shardings=sharding.replicated(mesh))(jax.random.key(0))

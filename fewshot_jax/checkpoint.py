@@ -5,7 +5,6 @@ so a crash mid-save never corrupts the checkpoint a resume would read.
 """
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -13,12 +12,10 @@ import sys
 
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from fewshot_jax import methods
 from fewshot_jax import files
-from fewshot_jax import sharding
-from fewshot_jax import state as state_lib
 from fewshot_jax.errors import CheckpointError, UnreadableCheckpoint
 
 
@@ -87,7 +84,7 @@ def _write_errors(directory, step=None):
     raise
 
 
-def restore(manager, abstract_state, config, step=None) -> state_lib.TrainState:
+def restore(manager, abstract_state, config, step=None):
   """Restores a checkpoint; any mismatch with the config is one CheckpointError."""
   step = manager.latest_step() if step is None else step
   where = os.path.join(str(manager.directory), str(step))
@@ -177,32 +174,45 @@ def abstract_like(state, target_sharding):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target_sharding), state)
 
 
-def load_for_eval(config, workdir, mesh, which: str, step: int | None = None):
-  """Restores params and model state of the best (or latest) checkpoint in workdir.
+def open_step(workdir: str, which: str, keep: int, step: int | None = None):
+  """(Checkpoints, the manager of `which`, the step to read) of a workdir's best or latest checkpoint.
 
   `step`: a retained step of the latest manager instead (which='latest'), for
-  curves over a run's checkpoints.
+  curves over a run's checkpoints. The caller closes the Checkpoints.
   """
-  method = methods.build(config)
-  tx = state_lib.optimizer_for(method, config)
-  example = state_lib.train_example(method, config)
-  abstract = jax.eval_shape(functools.partial(state_lib.init_state, method, tx), jax.random.key(0), example)
   root = os.path.join(os.path.abspath(workdir), "best" if which == "best" else "checkpoints")
   if not os.path.isdir(root):
     raise CheckpointError(f"no {which} checkpoint in workdir {workdir!r} ({root} is missing); "
                           f"train first with --mode=train")
-  ckpt = Checkpoints(workdir, config.train.keep_checkpoints)
+  ckpt = Checkpoints(workdir, keep)
   manager = ckpt.best if which == "best" else ckpt.latest
   if step is None:
     step = manager.best_step() if which == "best" else manager.latest_step()
   elif which != "latest" or step not in manager.all_steps():
+    ckpt.close()
     raise CheckpointError(f"step {step} is not a retained checkpoint of {root}; "
                           f"retained: {sorted(manager.all_steps())}")
   if step is None:
+    ckpt.close()
     raise CheckpointError(f"no {which} checkpoint in {root}; train first with --mode=train")
-  state = restore(manager, abstract_like(abstract, sharding.replicated(mesh)), config, step)
-  ckpt.close()
-  return method, state
+  return ckpt, manager, step
+
+
+def read_as_saved(workdir: str, which: str = "best") -> dict:
+  """The state a workdir's checkpoint holds ({'params', 'model_state', ...} of numpy arrays), read
+  without a model to restore into: for loading parts of another run whose shapes the caller checks."""
+  ckpt, manager, step = open_step(workdir, which, 1)
+  where = os.path.join(str(manager.directory), str(step))
+  try:
+    with _quiet_abandoned_io():
+      handler = ocp.StandardCheckpointHandler()
+      target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), handler.metadata(epath.Path(where) / "state"))
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise UnreadableCheckpoint(f"checkpoint {where} is unreadable: {_short(e)}") from None
+  finally:
+    ckpt.close()
+  return restored["state"]
 
 
 def write_json(path: str, payload) -> None:

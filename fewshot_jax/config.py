@@ -44,8 +44,8 @@ DATASETS = tuple(DATASET_TABLE)
 SCHEMES = {name: row["schemes"] for name, row in DATASET_TABLE.items()}
 CHANNELS = {name: row["channels"] for name, row in DATASET_TABLE.items()}
 # Evaluation protocols (evaluate.py): 'standard' = eval.episodes episodes with
-# eval.queries queries per class, no augmentation; 'reference' = as the LGM-Net
-# code: eval.reference_tasks tasks of ONE query each, training augmentation on.
+# eval.queries queries per class, no augmentation; 'reference' = as the weight
+# generators' TF code: eval.reference_tasks tasks of ONE query each, training augmentation on.
 PROTOCOLS = ("standard", "reference")
 _MANUAL_SUBDIR = {name: row["manual_subdir"] for name, row in DATASET_TABLE.items()}
 
@@ -63,7 +63,10 @@ def default_data_dir() -> str:
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = ml_collections.ConfigDict(dict(name="protonet", cosine_scale=1.0, eps=1e-8))
+  # method.*: name and the matching heads' cosine_scale / eps are here, so that a config switches
+  # between metric methods by method.name alone; every other key is the method's own, declared by
+  # methods/<name>.py (KEYS) and set by configs/<name>.py.
+  c.method = ml_collections.ConfigDict(dict(name="", cosine_scale=1.0, eps=1e-8))
   # model.remat: recompute each backbone block in the backward pass (less activation
   # memory, more FLOPs: benchmarks/steps.py); parameter names are the same either way.
   c.model = ml_collections.ConfigDict(dict(backbone="conv4", features=64, dtype="float32", conv_impl="auto",
@@ -82,17 +85,17 @@ def base_config() -> ml_collections.ConfigDict:
       # gathered from their owners inside the step (data/episodes.take_images).
       placement="replicated"))
   # class_rotations: one angle per class of a task, drawn from this list. The
-  # rotation is scipy.ndimage.rotate(reshape=False, mode='nearest') as the LGM-Net
-  # code (rotation_order 3: cubic spline; edge pixels replicated); order 1 with
+  # rotation is scipy.ndimage.rotate(reshape=False, mode='nearest') as the weight
+  # generators' TF code (rotation_order 3: cubic spline; edge pixels replicated); order 1 with
   # rotation_mode 'constant' is the bilinear zero-fill rotation, whose blank corners give the angle away.
   c.augment = ml_collections.ConfigDict(dict(flip_prob=0.0, class_rotations=(), rotation_order=3,
                                              rotation_mode="nearest"))
   # episode.* is the task trained on and evaluated; train_ways (0 = ways) trains
   # on higher-way episodes, as Snell et al. do on Omniglot. query_sampling
   # 'per_class': `queries` queries of every class; 'per_task': `queries` per task,
-  # each of a class drawn uniformly (the LGM-Net code trains on one per task).
+  # each of a class drawn uniformly (the weight generators' TF code trains on one per task).
   # disjoint_queries=False draws queries independently of the supports (a query may
-  # repeat a support image), as the IDeMe-Net code does, in training and evaluation.
+  # repeat a support image), as the deformation network's PyTorch code does, in training and evaluation.
   c.episode = ml_collections.ConfigDict(dict(ways=5, shots=1, queries=5, tasks=1, train_ways=0,
                                              query_sampling="per_class", disjoint_queries=True))
   # train.checkpoint_every: the latest checkpoint's own cadence (it is also
@@ -145,7 +148,11 @@ def check_preset(preset: str, presets) -> str:
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks values that would otherwise fail deep inside JAX, naming the bad key."""
+  """Checks every value once, before any work, naming the bad key: the shared sections here, the
+  method's own keys (methods.check_config, declared by each method) after them."""
+  from fewshot_jax import methods  # pylint: disable=g-import-not-at-top  # (imports no config)
+  from fewshot_jax.data.episodes import PLACEMENTS, QUERY_SAMPLING  # pylint: disable=g-import-not-at-top
+  from fewshot_jax.models import backbones, layers  # pylint: disable=g-import-not-at-top
   if c.data.name not in DATASETS:
     raise ConfigError(f"data.name={c.data.name!r} is unknown; valid: {list(DATASETS)}")
   if c.data.split not in SCHEMES[c.data.name]:
@@ -188,13 +195,17 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"eval.reference_tasks={c.eval.reference_tasks!r} must be a positive integer")
   if c.eval.checkpoint not in ("best", "latest"):
     raise ConfigError(f"eval.checkpoint={c.eval.checkpoint!r} is unknown; valid: ['best', 'latest']")
+  if c.model.conv_impl not in layers.CONV_IMPLS:
+    raise ConfigError(f"model.conv_impl={c.model.conv_impl!r} is unknown; valid: {list(layers.CONV_IMPLS)}")
+  backbones.dtype_from_config(c)
+  backbones.remat_from_config(c)
+  methods.check_config(c, shared=tuple(base_config().method))
   return c
 
 
 LOOPS = ("auto", "scan", "python")
-QUERY_SAMPLING = ("per_class", "per_task")
 # (order, mode) of augment.rotate: scipy's cubic spline with edge replication
-# (the LGM-Net code), bilinear with edge replication, bilinear with zero fill.
+# (the weight generators' TF code), bilinear with edge replication, bilinear with zero fill.
 ROTATIONS = ((3, "nearest"), (1, "nearest"), (1, "constant"))
 NONFINITE = ("stop", "skip")
 # Keys a resumed run may change without train.allow_config_change: run length,
@@ -215,7 +226,6 @@ def config_changes(started: dict, config: ml_collections.ConfigDict) -> list[str
   free = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FREE)
   return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
           for k in sorted(set(old) | set(new)) if not free(k) and old.get(k) != new.get(k)]
-PLACEMENTS = ("replicated", "sharded")
 
 
 def fit_to_devices(c: ml_collections.ConfigDict, devices: int) -> ml_collections.ConfigDict:
@@ -243,10 +253,15 @@ def train_ways(c) -> int:
   return c.episode.train_ways or c.episode.ways
 
 
-def load_file(path: str, preset: str) -> ml_collections.ConfigDict:
-  """get_config(preset) of a config file (what launch.py's --config=PATH:PRESET loads)."""
+def load_module(path: str):
+  """A config file as a module (its get_config, PRESETS), e.g. for a config file built on another."""
   name = "_fewshot_cfg_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return module
+
+
+def load_file(path: str, preset: str) -> ml_collections.ConfigDict:
+  """get_config(preset) of a config file (what launch.py's --config=PATH:PRESET loads)."""
+  return load_module(path).get_config(preset)

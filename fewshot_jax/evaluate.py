@@ -17,6 +17,7 @@ import numpy as np
 from fewshot_jax import checkpoint
 from fewshot_jax import config as config_lib
 from fewshot_jax import multihost
+from fewshot_jax import restore
 from fewshot_jax import sharding
 from fewshot_jax.data import augment as augment_lib
 from fewshot_jax.data import episodes
@@ -31,24 +32,33 @@ def summarize(per_episode: np.ndarray) -> dict:
           "episodes": int(len(acc))}
 
 
-def _modes(method, params, model_state, episode, key) -> dict:
-  """{mode: logits} — every prediction mode a method has (LGM-Net: single/mean/ensemble)."""
-  predict_all = getattr(method, "predict_all_modes", None)
-  if predict_all is not None:
-    return predict_all(params, model_state, episode, key)
-  return {"default": method.predict(params, model_state, episode, key)}
+def episode_keys(config: ml_collections.ConfigDict):
+  """(sample key, predict key) of evaluation: episode i is drawn from fold_in(sample key, i) and the
+  batch of episodes starting at s is predicted with fold_in(predict key, s), so every method,
+  checkpoint, batch size, device count and framework (compare.py) sees the same episodes."""
+  return tuple(jax.random.split(jax.random.key(config.eval.seed)))
 
 
-def default_mode(config: ml_collections.ConfigDict) -> str:
-  """The mode whose accuracy selects checkpoints and heads eval_<split>.json."""
-  return config.method.get("eval_mode", "default")
+def protocol_sampling(config: ml_collections.ConfigDict, protocol: str) -> dict:
+  """sample_tasks' settings of an evaluation protocol (see Evaluator)."""
+  reference = protocol == "reference"
+  ways = config.episode.ways
+  return dict(ways=ways, shots=config.episode.shots, queries=1 if reference else config.eval.queries,
+              augment=augment_lib.from_config(config, ways, training=reference),
+              query_sampling="per_task" if reference else "per_class", disjoint=config.episode.disjoint_queries)
+
+
+def sample_batch(sample_key, dataset, start, tasks: int, **sampling):
+  """Episodes start .. start + tasks - 1 of `dataset` (traceable; `sampling` as sample_tasks)."""
+  task_keys = jax.vmap(lambda i: jax.random.fold_in(sample_key, i))(start + jnp.arange(tasks))
+  return episodes.sample_tasks(task_keys, dataset, **sampling)
 
 
 class Evaluator:
   """Scores (params, model_state) on `num_episodes` episodes of one split under one protocol.
 
   'standard': N-way K-shot episodes with eval.queries queries per class and no
-  augmentation. 'reference' (the LGM-Net code's test): tasks with ONE query,
+  augmentation. 'reference' (the weight generators' TF code's test): tasks with ONE query,
   drawn uniformly from the task's classes, and the training augmentation
   (per-class rotation) applied. Every prediction mode of the method is scored
   on the same episodes and the same noise.
@@ -72,24 +82,29 @@ class Evaluator:
     sharding.check_tasks_divisible(self.tasks, mesh, "eval.tasks")
     self.num_episodes = num_episodes
     self.queries = 1 if reference else queries * ways  # per episode
-    self.default_mode = default_mode(config)
+    self.default_mode = method.checkpoint_mode(config)
     batch_sharding = sharding.task_sharded(mesh)
-    aug = augment_lib.from_config(config, ways, training=reference)
-    sample_key, predict_key = jax.random.split(jax.random.key(config.eval.seed))
-    sampling = dict(ways=ways, shots=shots, queries=queries, augment=aug,
-                    query_sampling="per_task" if reference else "per_class",
-                    disjoint=config.episode.disjoint_queries)
+    sample_key, predict_key = episode_keys(config)
+    self.predict_key = predict_key
+    sampling = protocol_sampling(config, self.protocol)
+
+    def sample(dataset, start):
+      episode = sample_batch(sample_key, dataset, start, self.tasks, **sampling)
+      return jax.lax.with_sharding_constraint(episode, batch_sharding)
 
     @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))  # readable by every process
     def batch_accuracy(params, model_state, dataset, start):
-      ids = start + jnp.arange(self.tasks)
-      task_keys = jax.vmap(lambda i: jax.random.fold_in(sample_key, i))(ids)
-      episode = episodes.sample_tasks(task_keys, dataset, **sampling)
-      episode = jax.lax.with_sharding_constraint(episode, batch_sharding)
-      logits = _modes(method, params, model_state, episode, jax.random.fold_in(predict_key, start))
+      episode = sample(dataset, start)
+      logits = method.modes(params, model_state, episode, jax.random.fold_in(predict_key, start))
       return {m: jnp.mean(jnp.argmax(l, -1) == episode.query_labels, axis=-1) for m, l in logits.items()}
 
     self._batch_accuracy = batch_accuracy
+    self.sample = jax.jit(sample, out_shardings=sharding.replicated(mesh))
+
+  def episode_batches(self):
+    """(start, Episode batch of eval.tasks tasks) of every batch scored, as `per_episode` samples them."""
+    for start in range(0, self.num_episodes, self.tasks):
+      yield start, self.sample(self.dataset, start)
 
   def per_episode(self, params, model_state) -> dict:
     """{mode: accuracy of each episode [num_episodes]}."""
@@ -117,7 +132,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   config_lib.validate(config)
   mesh = sharding.make_mesh()
   config = config_lib.fit_to_devices(config, mesh.size)
-  method, state = checkpoint.load_for_eval(config, workdir, mesh, config.eval.checkpoint)
+  method, state = restore.load_for_eval(config, workdir, mesh, config.eval.checkpoint)
   protocol = config.eval.protocol
   num = config.eval.reference_tasks if protocol == "reference" else config.eval.episodes
   evaluator = Evaluator(method, config, mesh, config.eval.split, num)
@@ -125,9 +140,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             "ways": config.episode.ways, "shots": config.episode.shots,
             **evaluator.run(state.params, state.model_state), "step": int(state.step),
             "checkpoint": config.eval.checkpoint}
-  if getattr(method, "deform", None) is not None:
-    result["figure"], result["patch_weight_mean"] = write_deformation_figure(method, state, config, evaluator,
-                                                                             workdir)
+  if method.figures is not None:
+    result.update(write_figures(method, state, config, evaluator, workdir))
   if not multihost.is_main():
     return result
   path = os.path.join(workdir, f"eval_{config.eval.split}.json")
@@ -148,34 +162,19 @@ def result_key(result: dict) -> str:
           f"{result['checkpoint']}")
 
 
-def write_deformation_figure(method, state, config, evaluator: Evaluator, workdir: str,
-                             rows: int = 12) -> tuple[str, float]:
-  """PNG of (probe, gallery, patch weights, deformed) for the first evaluation episodes, and the
-  mean patch weight of D over all their deformed copies (eval.tasks episodes x supports x augnum).
-
-  The episodes are the evaluator's first ones (standard protocol sampling), so
-  the figure of every checkpoint shows the same supports.
-  """
-  from fewshot_jax import figures  # pylint: disable=g-import-not-at-top
+def write_figures(method, state, config, evaluator: Evaluator, workdir: str) -> dict:
+  """The method's evaluation figures, on the evaluator's first eval.tasks episodes (standard
+  sampling, one query per class), so the figure of every checkpoint shows the same supports."""
   ways, shots = config.episode.ways, config.episode.shots
   aug = augment_lib.from_config(config, ways, training=False)
-  sample_key, _ = jax.random.split(jax.random.key(config.eval.seed))
+  sample_key, _ = episode_keys(config)
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(evaluator.mesh))  # readable by every process
   def figure_data(params, model_state, dataset):
-    keys = jax.vmap(lambda i: jax.random.fold_in(sample_key, i))(jnp.arange(config.eval.tasks))
-    episode = episodes.sample_tasks(keys, dataset, ways=ways, shots=shots, queries=1, augment=aug)
-    return method.deform(params, model_state, episode, jax.random.key(config.eval.seed))
+    episode = sample_batch(sample_key, dataset, 0, config.eval.tasks, ways=ways, shots=shots, queries=1,
+                           augment=aug)
+    return method.figures.compute(params, model_state, episode, jax.random.key(config.eval.seed))
 
-  probe, gallery, weights, deformed = jax.device_get(
-      figure_data(state.params, state.model_state, evaluator.dataset))
-  take = lambda x: x[:, :, 0].reshape((-1,) + x.shape[3:])[:rows]  # first copy of each support
-  path = os.path.join(workdir, f"deformations_{config.eval.split}.png")
-  mean_weight = float(np.mean(weights))
-  if not multihost.is_main():  # every process computed the figure's episodes; process 0 draws it
-    return path, mean_weight
-  figures.deformation_grid(path, take(probe), take(gallery), take(weights), take(deformed),
-                           mean=config.data.mean, std=config.data.std, grid=config.method.grid,
-                           max_rows=rows, title=f"{config.method.name} step {int(state.step)}, "
-                                                f"{config.eval.split} episodes")
-  return path, mean_weight
+  data = jax.device_get(figure_data(state.params, state.model_state, evaluator.dataset))
+  title = f"{config.method.name} step {int(state.step)}, {config.eval.split} episodes"
+  return method.figures.write(data, workdir, config.eval.split, title)

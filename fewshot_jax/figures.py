@@ -1,4 +1,4 @@
-"""Inspection figures for IDeMe-Net's deformation: probe | gallery | weights | deformed.
+"""Inspection figures of an image deformation: probe | gallery | weights | deformed.
 
 Pillow + numpy only (no matplotlib), so a figure can be written from a training
 or evaluation loop on a headless host without a plotting stack.

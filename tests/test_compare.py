@@ -22,12 +22,15 @@ from fewshot_jax import compare
 from fewshot_jax import convert
 from fewshot_jax import evaluate
 from fewshot_jax import methods
+from fewshot_jax import restore
 from fewshot_jax import sharding
+from fewshot_jax import state_dicts
 from fewshot_jax import state as state_lib
 from fewshot_jax.data import episodes
 from fewshot_jax.data import input_pipeline
-from fewshot_jax.errors import ConfigError
+from fewshot_jax.errors import CheckpointError, ConfigError
 from fewshot_jax.methods import idemenet
+from fewshot_jax.methods import idemenet_torch
 from tests import test_idemenet as ti
 from tests.conftest import load_config
 
@@ -145,7 +148,7 @@ def test_idemenet_pretrain_jax_and_torch_agree():
   config, _, params, state = _pretrain_variables()
   _, data = _dataset()
   batches, key = compare.standard_episode_batches(config, data, EPISODES)
-  got = compare.compare_on_episodes("idemenet_pretrain", config, params, state, batches, key,
+  got = compare.compare_on_episodes(config, params, state, batches, key,
                                     num_episodes=EPISODES, return_logits=True)
   assert set(got) == {"default"}
   r = got["default"]
@@ -160,19 +163,19 @@ def test_idemenet_pretrain_jax_and_torch_agree():
 
 def test_flax_to_torch_inverts_the_converters_exactly():
   config, _, params, state = _idemenet_variables()
-  net = compare.gnet_to_torch(params, state["batch_stats"], config)
+  net = idemenet_torch.gnet_to_torch(params, state["batch_stats"], config)
   sd = net.state_dict()
   # The duplicate trunk is the same tensors; the unused stage-1 head carries GNet's fc.
   assert torch.equal(sd["CNet.resnet.convnet.layer3.1.bn2.running_var"], sd["CNet.layer3.1.bn2.running_var"])
   assert torch.equal(sd["CNet.resnet.convnet.fc.weight"], sd["fc.weight"])
-  back = convert.idemenet_from_torch(sd, grid=3, num_classes=ti.CLASSES, image_size=ti.SIZE)
+  back = idemenet_torch.idemenet_from_torch(sd, grid=3, num_classes=ti.CLASSES, image_size=ti.SIZE)
   want = {"params": params, "batch_stats": state["batch_stats"]}
-  assert jax.tree.structure(back) == jax.tree.structure(compare._plain(want))  # pylint: disable=protected-access
+  assert jax.tree.structure(back) == jax.tree.structure(state_dicts.plain(want))
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, np.asarray(b))
   p_config, _, p_params, p_state = _pretrain_variables()
-  cnet = compare.embedding_to_torch(p_params, p_state["batch_stats"], p_config.method.num_classes)
-  back = convert.embedding_from_torch(cnet.state_dict(), num_classes=ti.CLASSES)
+  cnet = idemenet_torch.embedding_to_torch(p_params, p_state["batch_stats"], p_config.method.num_classes)
+  back = idemenet_torch.embedding_from_torch(cnet.state_dict(), num_classes=ti.CLASSES)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves({"params": p_params, "batch_stats": p_state["batch_stats"]})):
     np.testing.assert_array_equal(a, np.asarray(b))
 
@@ -193,31 +196,31 @@ def test_export_writes_the_authors_format_and_converts_back_exactly(tmp_path):
   config, method, params, state = _idemenet_variables()
   _save_best(config, method, params, state, tmp_path / "run")
   out = tmp_path / "metaNet_1shot.t7"
-  info = compare.export_checkpoint(config, str(tmp_path / "run"), str(out))
+  info = convert.export_checkpoint(config, str(tmp_path / "run"), str(out))
   assert info["step"] == 5 and info["method"] == "idemenet" and not list(tmp_path.glob(".*.tmp"))
   sd = convert.load_state_dict(str(out))
   assert {"CNet.resnet.convnet.conv1.weight", "CNet.conv1.weight", "attentionNet.encoder.0.0.weight", "toWeight.0.weight",
           "fc.weight", "scale"} <= set(sd), sorted(sd)[:10]
-  back = convert.idemenet_from_torch(sd, grid=3, num_classes=ti.CLASSES, image_size=ti.SIZE, source=str(out))
-  want = compare._plain({"params": params, "batch_stats": state["batch_stats"]})  # pylint: disable=protected-access
+  back = idemenet_torch.idemenet_from_torch(sd, grid=3, num_classes=ti.CLASSES, image_size=ti.SIZE, source=str(out))
+  want = state_dicts.plain({"params": params, "batch_stats": state["batch_stats"]})
   assert jax.tree.structure(back) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)
   p_config, p_method, p_params, p_state = _pretrain_variables()
   _save_best(p_config, p_method, p_params, p_state, tmp_path / "pre")
-  compare.export_checkpoint(p_config, str(tmp_path / "pre"), str(tmp_path / "softRandom.t7"))
+  convert.export_checkpoint(p_config, str(tmp_path / "pre"), str(tmp_path / "softRandom.t7"))
   sd = convert.load_state_dict(str(tmp_path / "softRandom.t7"))
   assert all(k.startswith("convnet.") for k in sd) and "convnet.fc.weight" in sd
-  back = convert.embedding_from_torch(sd, num_classes=ti.CLASSES)
+  back = idemenet_torch.embedding_from_torch(sd, num_classes=ti.CLASSES)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves({"params": p_params, "batch_stats": p_state["batch_stats"]})):
     np.testing.assert_array_equal(a, np.asarray(b))
   with pytest.raises(ConfigError, match="not a directory"):
-    compare.export_checkpoint(config, str(tmp_path / "run"), str(tmp_path / "missing" / "x.t7"))
-  with pytest.raises(ConfigError, match="method.name"):
-    compare.export_checkpoint(load_config("protonet", "synthetic"), str(tmp_path / "run"), str(out))
+    convert.export_checkpoint(config, str(tmp_path / "run"), str(tmp_path / "missing" / "x.t7"))
+  with pytest.raises(CheckpointError, match="method is 'idemenet' in the checkpoint but 'protonet'"):
+    convert.export_checkpoint(load_config("protonet", "synthetic"), str(tmp_path / "run"), str(out))
 
 
-def test_summary_table_and_unsupported_method():
+def test_summary_table_and_unsupported_method(monkeypatch):
   per_mode = {"deformed": {"jax": np.array([0.6, 0.8]), "torch": np.array([0.6, 0.8]),
                            "agreement": np.array([1.0, 0.95]), "logit_rel_diff": np.array([1e-6, 2e-6])}}
   modes = compare.summarize_comparison(per_mode)
@@ -227,5 +230,49 @@ def test_summary_table_and_unsupported_method():
   table = compare.format_table({"method": "idemenet", "episodes": 2, "split": "test", "modes": modes})
   assert "| deformed | 70.00 ± 13.86 | 70.00 ± 13.86 | 0.000 | 97.50% |" in table
   c = load_config("protonet", "synthetic")
-  with pytest.raises(ConfigError, match="method.name"):
+  monkeypatch.setattr(methods, "torch_bridge_module", lambda name: None)  # as a method without a bridge
+  with pytest.raises(ConfigError, match="method.name='protonet'"):
     compare.compare_checkpoint(c, "/nonexistent")
+
+
+@functools.lru_cache(maxsize=None)
+def _gray_dataset():
+  """8 classes of 10 noisy 28x28 grey images (the synthetic presets' shape)."""
+  rng = np.random.default_rng(4)
+  protos = rng.uniform(0, 255, (8, 1, 28, 28, 1))
+  noise = rng.normal(0, 60, (8, 10, 28, 28, 1))
+  images = np.clip(128 + 0.6 * (protos - 128) + noise, 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+  return jax.device_put(episodes.from_arrays(images, np.repeat(np.arange(8), 10)))
+
+
+@pytest.mark.parametrize("name", ["protonet", "matchingnet", "lgmnet"])
+def test_every_method_compares_exports_and_converts_back(name, tmp_path, monkeypatch):
+  """--mode=compare, export and convert for the methods beside IDeMe-Net: a saved best checkpoint,
+  JAX and PyTorch agree on the evaluator's episodes in every mode, and export -> convert gives
+  bit-identical variables."""
+  config = _eval_settings(load_config(name, "synthetic"))
+  method = methods.build(config)
+  params, stats = _random_variables(method, config, 2)
+  state = {"batch_stats": stats}
+  _save_best(config, method, params, state, tmp_path / "run")
+  data = _gray_dataset()
+  monkeypatch.setattr(input_pipeline, "load", lambda *args, **kwargs: data)
+  result = compare.compare_checkpoint(config, str(tmp_path / "run"), episodes=EPISODES)
+  modes = {"lgmnet": {"single", "mean", "ensemble"}}.get(name, {"default"})
+  assert set(result["modes"]) == modes and result["default_mode"] == method.checkpoint_mode(config)
+  for mode, m in result["modes"].items():
+    _report(name, mode, m)
+    assert m["difference"] <= compare.TOLERANCE_POINTS and m["prediction_agreement"] >= 0.99, (mode, m)
+    # An ensemble's scores count votes: a near tie in one draw moves a count by 1 without changing
+    # the prediction, so only its predictions are compared (its draws are 'single''s, checked here).
+    assert mode == "ensemble" or m["max_logit_rel_diff"] < 1e-3, (mode, m)
+  out = tmp_path / "model.pt"
+  info = convert.export_checkpoint(config, str(tmp_path / "run"), str(out))
+  assert info["method"] == name and info["step"] == 5
+  convert.convert_to_workdir(config, str(out), str(tmp_path / "back"))
+  _, back = restore.load_for_eval(config, str(tmp_path / "back"), sharding.make_mesh(), "best")
+  got = state_dicts.plain({"params": back.params, **back.model_state})
+  expected = state_dicts.plain({"params": params, **state})
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, b)

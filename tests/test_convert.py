@@ -24,6 +24,8 @@ from fewshot_jax import convert
 from fewshot_jax.errors import ConfigError
 from fewshot_jax.errors import CheckpointError
 from fewshot_jax.methods import common
+from fewshot_jax.methods import idemenet_torch
+from fewshot_jax.methods import protonet_torch
 from fewshot_jax.models import conv4 as flax_conv4
 from fewshot_jax.models import deformation
 from fewshot_jax.models import resnet
@@ -135,20 +137,20 @@ def test_converted_trees_are_the_flax_models_trees(classification_net, gnet84):
   """Same names and shapes as init: apply would silently ignore extra parameters."""
   images = jnp.zeros((1, 84, 84, 3))
   embedding = jax.eval_shape(lambda: resnet.ResNet18(num_classes=64).init(jax.random.key(0), images, train=False))
-  assert _shapes(convert.embedding_from_torch(classification_net[0].state_dict())) == _shapes(embedding)
+  assert _shapes(idemenet_torch.embedding_from_torch(classification_net[0].state_dict())) == _shapes(embedding)
   deform = jax.eval_shape(lambda: deformation.DeformationNet(grid=3).init(
       jax.random.key(0), jnp.zeros((1, 84, 84, 6)), train=False))
   scale = jax.ShapeDtypeStruct((), jnp.float32)
   full = {"params": {"embedding": embedding["params"], "deformation": deform["params"], "scale": scale},
           "batch_stats": {"embedding": embedding["batch_stats"], "deformation": deform["batch_stats"]}}
-  converted = convert.idemenet_from_torch(gnet84[0].state_dict(), image_size=84)
+  converted = idemenet_torch.idemenet_from_torch(gnet84[0].state_dict(), image_size=84)
   assert _shapes(converted) == _shapes(full)
   assert all(a.dtype == np.float32 for a in jax.tree.leaves(converted))
 
 
 def test_embedding_parity(classification_net):
   net, x = classification_net
-  _embedding_parity(convert.embedding_from_torch(net.state_dict()), net, x, "state_dict")
+  _embedding_parity(idemenet_torch.embedding_from_torch(net.state_dict()), net, x, "state_dict")
 
 
 def test_gnet_state_dict_has_the_reference_keys(gnet84):
@@ -198,13 +200,13 @@ def _gnet_parity(net, probe, gallery, variables, grid, tag):
 
 def test_gnet_parity(gnet84):
   net, probe, gallery = gnet84
-  variables = convert.idemenet_from_torch(net.state_dict(), grid=3, image_size=84)
+  variables = idemenet_torch.idemenet_from_torch(net.state_dict(), grid=3, image_size=84)
   _gnet_parity(net, probe, gallery, variables, 3, "84 px, G=3")
 
 
 def test_patch_weights_parity_grid5():
   net, probe, gallery = _gnet(5, 84, seed=1)
-  variables = convert.idemenet_from_torch(net.state_dict(), grid=5, image_size=84)
+  variables = idemenet_torch.idemenet_from_torch(net.state_dict(), grid=5, image_size=84)
   pairs = jnp.concatenate([_nhwc(probe), _nhwc(gallery)], -1)
   weights = deformation.DeformationNet(grid=5).apply(_split(variables, "deformation"), pairs, train=False)
   with torch.no_grad():
@@ -224,7 +226,7 @@ def test_patch_weights_parity_224():
   gnet = idemenet.GNet(grid=3)
   state = {**gnet.state_dict(), **{f"attentionNet.{k}": v for k, v in net.state_dict().items()},
            **{f"toWeight.0.{k}": v for k, v in to_weight.state_dict().items()}}
-  variables = convert.idemenet_from_torch(state)
+  variables = idemenet_torch.idemenet_from_torch(state)
   pairs = jnp.concatenate([_nhwc(probe), _nhwc(gallery)], -1)
   weights = deformation.DeformationNet(grid=3).apply(_split(variables, "deformation"), pairs, train=False)
   with torch.no_grad():
@@ -237,7 +239,7 @@ def test_checkpoint_saved_by_the_reference(classification_net, tmp_path):
   torch.save(net.state_dict(), path)
   state = convert.load_state_dict(path)
   assert all(isinstance(v, np.ndarray) for v in state.values()) and "convnet.bn1.num_batches_tracked" in state
-  _embedding_parity(convert.embedding_from_torch(state, source=str(path)), net, x, "softRandom.t7")
+  _embedding_parity(idemenet_torch.embedding_from_torch(state, source=str(path)), net, x, "softRandom.t7")
 
 
 def test_data_parallel_gnet_checkpoint(gnet84, tmp_path):
@@ -245,7 +247,7 @@ def test_data_parallel_gnet_checkpoint(gnet84, tmp_path):
   path = tmp_path / "metaNet_5shot.t7"
   torch.save(torch.nn.DataParallel(net).state_dict(), path)  # keys module.*
   assert next(iter(torch.load(path, weights_only=True))).startswith("module.")
-  variables = convert.idemenet_from_torch(convert.load_state_dict(path), image_size=84, source=str(path))
+  variables = idemenet_torch.idemenet_from_torch(convert.load_state_dict(path), image_size=84, source=str(path))
   _gnet_parity(net, probe, gallery, variables, 3, "DataParallel file")
 
 
@@ -254,7 +256,7 @@ def test_conv4_parity():
   net = torch_conv4.Conv4()
   x = _images(4, 28, seed=5)
   _calibrate(net, x, seed=3)
-  variables = convert.conv4_from_torch(net.state_dict())
+  variables = protonet_torch.conv4_from_torch(net.state_dict())
   out = flax_conv4.Conv4().apply(variables, _nhwc(x), train=False)
   with torch.no_grad():
     t_out = net(x)
@@ -282,17 +284,17 @@ def _error(fn, *args, **kwargs) -> str:
 def test_missing_key(embedding_state):
   state = dict(embedding_state)
   del state["convnet.layer3.1.bn2.running_var"]
-  message = _error(convert.embedding_from_torch, state, source="ckpt.t7")
+  message = _error(idemenet_torch.embedding_from_torch, state, source="ckpt.t7")
   assert "ckpt.t7" in message and "1 missing key: convnet.layer3.1.bn2.running_var" in message
 
 
 def test_unexpected_key(embedding_state):
-  message = _error(convert.embedding_from_torch, {**embedding_state, "convnet.extra.weight": np.zeros(3)})
+  message = _error(idemenet_torch.embedding_from_torch, {**embedding_state, "convnet.extra.weight": np.zeros(3)})
   assert "1 unexpected key: convnet.extra.weight" in message
 
 
 def test_wrong_shape(embedding_state):
-  message = _error(convert.embedding_from_torch, {**embedding_state, "convnet.fc.weight": np.zeros((10, 512))})
+  message = _error(idemenet_torch.embedding_from_torch, {**embedding_state, "convnet.fc.weight": np.zeros((10, 512))})
   assert "convnet.fc.weight is [10, 512] in the checkpoint but [64, 512] expected" in message
 
 
@@ -300,7 +302,7 @@ def test_all_problems_in_one_error(embedding_state):
   state = {**embedding_state, "convnet.extra.weight": np.zeros(3), "convnet.extra.bias": np.zeros(3),
            "convnet.layer1.0.conv1.weight": np.zeros((64, 64, 1, 1))}
   del state["convnet.bn1.weight"], state["convnet.fc.bias"]
-  message = _error(convert.embedding_from_torch, state)
+  message = _error(idemenet_torch.embedding_from_torch, state)
   for part in ("2 missing keys: convnet.bn1.weight, convnet.fc.bias",
                "2 unexpected keys: convnet.extra.weight, convnet.extra.bias",
                "1 wrong shape: convnet.layer1.0.conv1.weight is [64, 64, 1, 1]"):
@@ -308,7 +310,7 @@ def test_all_problems_in_one_error(embedding_state):
 
 
 def test_gnet_given_to_the_embedding_converter_names_the_right_one(gnet84):
-  message = _error(convert.embedding_from_torch, gnet84[0].state_dict())
+  message = _error(idemenet_torch.embedding_from_torch, gnet84[0].state_dict())
   assert "use idemenet_from_torch" in message
 
 
@@ -317,7 +319,7 @@ def test_duplicate_copies_must_agree(gnet84):
   for key in ("CNet.resnet.convnet.layer2.0.conv1.weight", "CNet.resnet.convnet.bn1.running_mean"):
     state[key] = state[key] + 1.0
   state["CNet.resnet.convnet.fc.weight"] = state["CNet.resnet.convnet.fc.weight"] + 1.0  # unused: no error
-  message = _error(convert.idemenet_from_torch, state, image_size=84)
+  message = _error(idemenet_torch.idemenet_from_torch, state, image_size=84)
   assert "2 duplicates differing from their originals" in message
   assert ("CNet.resnet.convnet.bn1.running_mean != CNet.bn1.running_mean" in message
           and "CNet.resnet.convnet.layer2.0.conv1.weight != CNet.layer2.0.conv1.weight" in message)
@@ -325,7 +327,7 @@ def test_duplicate_copies_must_agree(gnet84):
 
 
 def test_unused_duplicate_fc_is_dropped(gnet84):
-  variables = convert.idemenet_from_torch(gnet84[0].state_dict(), image_size=84)
+  variables = idemenet_torch.idemenet_from_torch(gnet84[0].state_dict(), image_size=84)
   np.testing.assert_array_equal(variables["params"]["embedding"]["fc"]["kernel"],
                                 gnet84[0].fc.weight.detach().numpy().T)
   assert set(variables["params"]) == {"embedding", "deformation", "scale"}
@@ -333,7 +335,7 @@ def test_unused_duplicate_fc_is_dropped(gnet84):
 
 
 def test_wrong_image_size_is_a_shape_error(gnet84):
-  message = _error(convert.idemenet_from_torch, gnet84[0].state_dict(), image_size=224)
+  message = _error(idemenet_torch.idemenet_from_torch, gnet84[0].state_dict(), image_size=224)
   assert "toWeight.0.weight is [9, 64] in the checkpoint but [9, 784] expected" in message
 
 
@@ -407,7 +409,7 @@ def test_convert_mode_round_trip(make_config, tmp_path):
   """--mode=convert writes orbax checkpoints that load like any other and give PyTorch's outputs:
   a softRandom-like embedding file (stage 1) and a DataParallel GNet file (stage 2, gallery built
   from the real base classes with the converted embedding)."""
-  from fewshot_jax import checkpoint
+  from fewshot_jax import restore
   from fewshot_jax import sharding
   from fewshot_jax.methods import idemenet as idemenet_method
   size = 64  # as the other parity tests: at 32 px the 1x1 layer4 maps amplify float32 noise
@@ -417,10 +419,10 @@ def test_convert_mode_round_trip(make_config, tmp_path):
   torch.save(net.state_dict(), tmp_path / "softRandom.t7")
   stage1 = make_config("idemenet", "pretrain", **small)
   convert.convert_to_workdir(stage1, str(tmp_path / "softRandom.t7"), str(tmp_path / "e"))
-  _, state = checkpoint.load_for_eval(stage1, str(tmp_path / "e"), sharding.make_mesh(), "best")
+  _, state = restore.load_for_eval(stage1, str(tmp_path / "e"), sharding.make_mesh(), "best")
   x = _images(3, size, seed=5)
   _embedding_parity({"params": state.params, **state.model_state}, net, x, "converted workdir")
-  direct = convert.embedding_from_torch(convert.load_state_dict(tmp_path / "softRandom.t7"))
+  direct = idemenet_torch.embedding_from_torch(convert.load_state_dict(tmp_path / "softRandom.t7"))
   for a, b in zip(jax.tree.leaves(direct["params"]), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(a, b)  # orbax round trip is exact
   # Another file into the same workdir: refused, the old model kept; with overwrite, replaced.
@@ -428,11 +430,11 @@ def test_convert_mode_round_trip(make_config, tmp_path):
   torch.save(other.state_dict(), tmp_path / "other.t7")
   with pytest.raises(ConfigError, match="already holds checkpoints"):
     convert.convert_to_workdir(stage1, str(tmp_path / "other.t7"), str(tmp_path / "e"))
-  _, kept = checkpoint.load_for_eval(stage1, str(tmp_path / "e"), sharding.make_mesh(), "best")
+  _, kept = restore.load_for_eval(stage1, str(tmp_path / "e"), sharding.make_mesh(), "best")
   np.testing.assert_array_equal(jax.tree.leaves(kept.params)[0], jax.tree.leaves(state.params)[0])
   convert.convert_to_workdir(stage1, str(tmp_path / "other.t7"), str(tmp_path / "e"), overwrite=True)
-  _, replaced = checkpoint.load_for_eval(stage1, str(tmp_path / "e"), sharding.make_mesh(), "best")
-  want = convert.embedding_from_torch(convert.load_state_dict(tmp_path / "other.t7"))
+  _, replaced = restore.load_for_eval(stage1, str(tmp_path / "e"), sharding.make_mesh(), "best")
+  want = idemenet_torch.embedding_from_torch(convert.load_state_dict(tmp_path / "other.t7"))
   for a, b in zip(jax.tree.leaves(want["params"]), jax.tree.leaves(replaced.params)):
     np.testing.assert_array_equal(a, b)
   assert not (tmp_path / "e" / "lock").exists()
@@ -441,7 +443,7 @@ def test_convert_mode_round_trip(make_config, tmp_path):
   torch.save({f"module.{k}": v for k, v in gnet.state_dict().items()}, tmp_path / "metaNet_1shot.t7")
   stage2 = make_config("idemenet", "mini-5w1s", **small, **{"method.gallery_per_class": 2})
   convert.convert_to_workdir(stage2, str(tmp_path / "metaNet_1shot.t7"), str(tmp_path / "g"))
-  _, state2 = checkpoint.load_for_eval(stage2, str(tmp_path / "g"), sharding.make_mesh(), "best")
+  _, state2 = restore.load_for_eval(stage2, str(tmp_path / "g"), sharding.make_mesh(), "best")
   variables = {"params": state2.params, "batch_stats": state2.model_state["batch_stats"]}
   _gnet_parity(gnet, probe, gallery, variables, 3, "converted workdir")
   g = state2.model_state["gallery"]

@@ -249,8 +249,9 @@ def test_convert_errors_name_the_problem(tmp_path, tfds_dir):
     pickle.dump(Payload(), f)
   user_error(launch(*base, f"--torch_checkpoint={tmp_path / 'evil.t7'}", tfds_dir=tfds_dir), "evil.t7")
   assert not (tmp_path / "ran").exists()
+  # Every method converts now (issue 13): a ProtoNet preset gets as far as the file.
   user_error(launch("--config=configs/protonet.py:synthetic", "--mode=convert", "--torch_checkpoint=x.t7",
-                    f"--workdir={tmp_path / 'w'}", tfds_dir=tfds_dir), "method.name='protonet'")
+                    f"--workdir={tmp_path / 'w'}", tfds_dir=tfds_dir), "x.t7 does not exist")
 
 
 def test_export_errors_name_the_problem(tmp_path, tfds_dir):

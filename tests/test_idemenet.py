@@ -233,7 +233,7 @@ def test_two_stages_on_real_mini_imagenet(make_config, tmp_path):
     assert image.size[0] > 4 * 32 and image.size[1] > 32
   # Round 2 of the published recipe: a stage-2 workdir as method.pretrained gives its D, E, fc and
   # scale (and with gallery_bn='eval' E's statistics unchanged); D must then be fixed.
-  from fewshot_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from fewshot_jax import restore  # pylint: disable=g-import-not-at-top
   from fewshot_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from fewshot_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   round2 = make_config("idemenet", "mini-5w1s", **small, **{
@@ -244,7 +244,7 @@ def test_two_stages_on_real_mini_imagenet(make_config, tmp_path):
   example = state_lib.train_example(method2, round2)
   variables = method2.init(jax.random.key(9), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example))
   loaded = method2.setup(variables, input_pipeline.load(round2, "train"))
-  _, saved = checkpoint.load_for_eval(stage2, str(tmp_path / "stage2"), sharding.make_mesh(), "best")
+  _, saved = restore.load_for_eval(stage2, str(tmp_path / "stage2"), sharding.make_mesh(), "best")
   for got, want in ((loaded["params"], saved.params), (loaded["batch_stats"], saved.model_state["batch_stats"])):
     assert jax.tree.all(jax.tree.map(np.array_equal, got, want))
   stage1_d = make_config("idemenet", "mini-5w1s", **small, **{

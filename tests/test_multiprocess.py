@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from fewshot_jax import checkpoint
+from fewshot_jax import restore
 from fewshot_jax import evaluate
 from fewshot_jax import sharding
 from fewshot_jax import config as config_lib
@@ -84,7 +84,7 @@ def _config(data_dir):
 
 
 def _latest_params(config, workdir, step=None):
-  _, state = checkpoint.load_for_eval(config, str(workdir), sharding.make_mesh(), "latest", step=step)
+  _, state = restore.load_for_eval(config, str(workdir), sharding.make_mesh(), "latest", step=step)
   return int(state.step), np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(state.params)])
 
 

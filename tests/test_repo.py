@@ -47,3 +47,58 @@ def test_steps_benchmark_reports_compiled_cost(tmp_path):
     assert r["peak_estimate_bytes"] == r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"]
     assert r["images_per_step"] == 2 * 20 * 6 and "ms_per_step" not in r
   assert rows[1]["temp_bytes"] < rows[0]["temp_bytes"]  # bfloat16 activations take less room
+
+
+_METHOD_NAMES = re.compile(r"idemenet|lgmnet|protonet|matchingnet|IDeMe|LGM", re.IGNORECASE)
+_METHOD_HOMES = ("methods", "models", "torch_reference")  # and configs/, outside the package
+
+
+def test_no_method_is_named_outside_its_own_files():
+  """Entry points and shared modules learn what a method can do from its Method record: no method
+  name (and no getattr on a method) outside methods/, models/, torch_reference/ and configs/."""
+  files = [REPO / "launch.py"] + [p for p in sorted((REPO / "fewshot_jax").rglob("*"))
+                                  if p.is_file() and p.suffix in (".py", ".txt", ".csv", ".md")
+                                  and p.relative_to(REPO / "fewshot_jax").parts[0] not in _METHOD_HOMES]
+  hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in files
+          for i, line in enumerate(p.read_text().splitlines(), 1)
+          if _METHOD_NAMES.search(line) or "getattr(method" in line]
+  assert not hits, "\n".join(hits)
+
+
+def _imports(path, modules):
+  """fewshot_jax modules that `path` imports anywhere (top level or inside functions)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      found.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      found.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                   for a in node.names)
+    elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args
+          and isinstance(node.args[0], ast.JoinedStr)):  # importlib.import_module(f"pkg.{name}..."): all of pkg
+      prefix = "".join(v.value for v in node.args[0].values if isinstance(v, ast.Constant))
+      found.update(m for m in modules if m.startswith(prefix) and m != prefix.rstrip("."))
+  return {m for m in found if m in modules}
+
+
+def test_no_import_loop():
+  """The package's modules import each other without a cycle, counting imports inside functions
+  (a lazy import hides a loop; it does not remove it)."""
+  root = REPO / "fewshot_jax"
+  paths = {".".join(("fewshot_jax",) + p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+           for p in root.rglob("*.py")}
+  graph = {m: _imports(p, paths) - {m} for m, p in paths.items()}
+  state = {}
+
+  def visit(m, trail):
+    if state.get(m) == "done":
+      return
+    assert state.get(m) != "open", " -> ".join(trail[trail.index(m):] + [m])
+    state[m] = "open"
+    for n in sorted(graph[m]):
+      visit(n, trail + [m])
+    state[m] = "done"
+
+  for m in sorted(graph):
+    visit(m, [])

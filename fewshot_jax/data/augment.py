@@ -29,7 +29,7 @@ def resize(images: jax.Array, size: int, center_crop: float = 1.0) -> jax.Array:
 
   center_crop < 1 keeps the central fraction of the image: torchvision's
   Resize(round(size / center_crop)) + CenterCrop(size) (0.875: Resize 256 +
-  CenterCrop 224, the IDeMe-Net code's test transform), one resampling.
+  CenterCrop 224, the deformation network's PyTorch test transform), one resampling.
   """
   if center_crop == 1.0:
     if images.shape[-3:-1] == (size, size):
@@ -104,8 +104,8 @@ def rotate(image: jax.Array, degrees: jax.Array, order: int = 3, mode: str = "ne
   """Rotates one [H, W, C] image counterclockwise about its centre, keeping its shape.
 
   order=3, mode='nearest' is scipy.ndimage.rotate(image, degrees, reshape=False,
-  mode='nearest') (its defaults: cubic spline, prefiltered), what the LGM-Net
-  code uses: edge pixels are replicated, so no corner is blank. order=1 is
+  mode='nearest') (its defaults: cubic spline, prefiltered), what the weight
+  generators' TF code uses: edge pixels are replicated, so no corner is blank. order=1 is
   bilinear; mode='constant' fills outside the image with `fill` (blank
   corners that reveal the angle: README, "Faithful to the originals").
   """
@@ -163,9 +163,9 @@ def from_config(config: ml_collections.ConfigDict, ways: int, training: bool = T
   training=False is the standard evaluation protocol: normalise and resize only.
   Per-class rotation must not reach standard evaluation: the angle (and the
   black corners it leaves) is shared by a class's supports and queries, so a
-  model can match on it instead of on content (measured on LGM-Net, README).
-  The `reference` protocol of evaluate.py passes training=True, as the LGM-Net
-  code does. `ways` is the episode's way count (one angle per class).
+  model can match on it instead of on content (measured on the weight generator, README).
+  The `reference` protocol of evaluate.py passes training=True, as the weight
+  generators' TF code does. `ways` is the episode's way count (one angle per class).
   """
   aug = config.augment
   if aug.flip_prob < 0 or aug.flip_prob > 1:
@@ -238,7 +238,7 @@ def random_resized_crop(key, image: jax.Array, size: int, scale=(0.08, 1.0), rat
 
 
 def patch_mix(key, image: jax.Array, partner: jax.Array, grid: int = 3, prob: float = 2 / 3) -> jax.Array:
-  """IDeMe-Net's "softRandom" stage-1 augmentation of one square [H, W, C] image.
+  """The deformation network's "softRandom" stage-1 augmentation of one square [H, W, C] image.
 
   With probability `prob`, each of the grid x grid patches (deformation.patch_borders,
   row-major) becomes w * image + (1 - w) * partner with its own w ~ U[0, 1], the
@@ -258,7 +258,7 @@ def patch_mix(key, image: jax.Array, partner: jax.Array, grid: int = 3, prob: fl
 def pretrain_augment(key, images: jax.Array, partners: jax.Array, *, mean, std, size: int,
                      flip_prob: float = 0.5, mix_prob: float = 2 / 3, grid: int = 3,
                      scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> jax.Array:
-  """IDeMe-Net stage-1 batch augmentation: [B, H, W, C] images + same-class partners -> [B, size, size, C].
+  """The deformation network's stage-1 batch augmentation: [B, H, W, C] images + same-class partners -> [B, size, size, C].
 
   Image and partner each get their own RandomResizedCrop and flip, then both are
   normalised and patch-mixed. Mixing after normalising equals mixing raw pixels

@@ -1,14 +1,65 @@
-"""Method registry: config.method.name -> build(config) -> Method."""
+"""Method registry: config.method.name -> build(config) -> Method.
+
+A method is its own files (methods/<name>.py, optionally methods/<name>_torch.py
+for its PyTorch bridge: a function bridge(config, shapes) -> state_dicts.TorchBridge),
+one line in METHODS and a config file
+(configs/<name>.py). Each method module declares `KEYS` (every key it reads
+under method.*) and may define `check_config(config)`; config.validate runs them.
+"""
 
 import importlib
+import importlib.util
 
 from fewshot_jax.errors import ConfigError
 
 METHODS = ("protonet", "matchingnet", "lgmnet", "idemenet", "idemenet_pretrain")
 
 
-def build(config):
-  name = config.method.name
+def module(name: str):
   if name not in METHODS:
     raise ConfigError(f"method.name={name!r} is unknown; valid: {list(METHODS)}")
-  return importlib.import_module(f"fewshot_jax.methods.{name}").build(config)
+  return importlib.import_module(f"fewshot_jax.methods.{name}")
+
+
+def check_config(config, shared=("name",)) -> None:
+  """Every key under method.* is one the method declares (or one of the base config's `shared`
+  keys), none is missing, and the method's own checks pass (called by config.validate)."""
+  mod = module(config.method.name)
+  declared = tuple(dict.fromkeys(tuple(shared) + tuple(mod.KEYS)))
+  unknown = [k for k in config.method if k not in declared]
+  if unknown:
+    raise ConfigError(f"method.{unknown[0]} is not a key of method.name={config.method.name!r}; "
+                      f"valid: {sorted(declared)}")
+  missing = [k for k in declared if k not in config.method]
+  if missing:
+    raise ConfigError(f"method.name={config.method.name!r} needs method.{', method.'.join(missing)}; "
+                      f"start from configs/{config.method.name.split('_')[0]}.py")
+  check = getattr(mod, "check_config", None)
+  if check is not None:
+    check(config)
+
+
+def build(config):
+  return module(config.method.name).build(config)
+
+
+def torch_bridge_module(name: str):
+  """methods/<name>_torch.py, the method's PyTorch bridge, or None where it has none."""
+  path = f"fewshot_jax.methods.{name}_torch"
+  if importlib.util.find_spec(path) is None:
+    return None
+  return importlib.import_module(path)
+
+
+def torch_bridge(config, shapes, mode: str):
+  """The TorchBridge of config's method (imports torch), or one ConfigError for a method without
+  one. `shapes`: the model's variables {'params', 'batch_stats', ...} or their jax.eval_shape."""
+  from fewshot_jax import state_dicts  # pylint: disable=import-outside-toplevel
+  name = config.method.name
+  module(name)
+  state_dicts.torch_module()
+  bridge_module = torch_bridge_module(name)
+  if bridge_module is None:
+    raise ConfigError(f"--mode={mode} needs a PyTorch bridge (methods/<name>_torch.py), which "
+                      f"method.name={name!r} has not")
+  return bridge_module.bridge(config, shapes)

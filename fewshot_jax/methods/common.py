@@ -10,7 +10,7 @@ import optax
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """A few-shot method as pure functions.
+  """A few-shot method as pure functions, and what entry points need to know about it.
 
   init(key, episode) -> variables {'params': ..., 'batch_stats': ...}
   loss(params, state, episode, key) -> (loss, (metrics, new_state)); state is
@@ -22,6 +22,13 @@ class Method:
     config.episode.*); train_example() -> its shapes, for init.
   setup(variables, train_dataset) -> variables: once, on a fresh (not resumed)
     run, after init: load pretrained weights, build a gallery.
+  For evaluation and the PyTorch entry points (compare, export, convert):
+  predict_all_modes(params, state, episode, key) -> {mode: logits}, every
+    prediction mode from one pass (None: the one mode 'default' = predict);
+    eval_mode(config) -> the mode that selects checkpoints and heads eval_<split>.json (a
+    function of the config the evaluation runs under: the method's own knob; None: 'default').
+  figures: Figures written beside an evaluation, or None.
+  The optional PyTorch bridge is methods/<name>_torch.py (see methods.torch_bridge).
   """
 
   name: str
@@ -32,6 +39,30 @@ class Method:
   train_batch: Callable[..., Any] | None = None
   train_example: Callable[..., Any] | None = None
   setup: Callable[..., Any] | None = None
+  predict_all_modes: Callable[..., Any] | None = None
+  eval_mode: Callable[..., str] | None = None
+  figures: "Figures | None" = None
+
+  def modes(self, params, state, episode, key) -> dict:
+    """{mode: logits [T, N*Q, N]} for every prediction mode."""
+    if self.predict_all_modes is not None:
+      return self.predict_all_modes(params, state, episode, key)
+    return {"default": self.predict(params, state, episode, key)}
+
+  def checkpoint_mode(self, config) -> str:
+    """The prediction mode that selects checkpoints under `config`."""
+    return "default" if self.eval_mode is None else self.eval_mode(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures:
+  """Figures an evaluation writes: `compute(params, state, episode, key)` runs on the device (jitted
+  by the evaluator on its first eval.tasks episodes, one query per class), `write(data, workdir,
+  split, title)` on the host of every process (drawing on process 0 only) and returns the entries it
+  adds to the evaluation result (e.g. {'figure': path})."""
+
+  compute: Callable[..., Any]
+  write: Callable[..., dict]
 
 
 def flatten_images(episode):
@@ -96,11 +127,12 @@ def classification_metrics(logits, labels):
   return loss, {"loss": loss, "accuracy": accuracy}
 
 
-def metric_method(name: str, model, head: Callable[..., Any]) -> Method:
+def metric_method(name: str, model, head: Callable[..., Any], **hooks) -> Method:
   """A method that embeds all images with one backbone and scores each task with `head`.
 
   head(support [S, D], support_labels [S], query [Q, D], ways) -> logits [Q, N],
   vmapped over tasks; the backbone runs once on the flattened meta-batch.
+  `hooks`: further Method fields (e.g. torch_bridge).
   """
 
   def logits_fn(params, state, episode, train):
@@ -125,4 +157,4 @@ def metric_method(name: str, model, head: Callable[..., Any]) -> Method:
     del key
     return logits_fn(params, state, episode, False)[0]
 
-  return Method(name, init, loss, predict)
+  return Method(name, init, loss, predict, **hooks)

@@ -44,7 +44,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from fewshot_jax import config as config_lib
+from fewshot_jax import checkpoint
+from fewshot_jax import figures
+from fewshot_jax import multihost
 from fewshot_jax.errors import CheckpointError, ConfigError
 from fewshot_jax.data import augment
 from fewshot_jax.data import episodes
@@ -59,13 +61,12 @@ EVAL_MODES = ("deformed", "plain")
 
 @dataclasses.dataclass(frozen=True)
 class IDeMeNetMethod(common.Method):
-  """common.Method plus predict_all_modes and `deform` (probe, gallery, weights, deformed) for figures."""
+  """common.Method plus `deform` (probe, gallery, weights, deformed), for figures and compare."""
 
-  predict_all_modes: Callable[..., Any] | None = None
   deform: Callable[..., Any] | None = None
 
 
-_KEYS = ("grid", "augnum", "choose_num", "gallery_per_class", "gallery_seed", "num_classes", "probe_flip",
+KEYS = ("grid", "augnum", "choose_num", "gallery_per_class", "gallery_seed", "num_classes", "probe_flip",
          "gallery_flip", "gallery_bn", "gallery_bn_chunk", "cls_images", "decay_scale",
          "pretrained", "fix_embedding", "fix_deformation", "lr_deformation", "lr_scale", "lr_embedding",
          "lr_fc", "cls_start_step", "decay_every", "decay_factor", "eval_mode", "scale_init")
@@ -75,7 +76,7 @@ CLS_IMAGES = ("all", "deformed")
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   mc = config.method
-  missing = [k for k in _KEYS if k not in mc]
+  missing = [k for k in KEYS if k not in mc]
   if missing:
     raise ConfigError(f"method.name='idemenet' needs method.{', method.'.join(missing)}; "
                       "start from configs/idemenet.py")
@@ -212,32 +213,30 @@ def gallery_candidates(support_feats, support_labels, gallery_feats, ways: int, 
   return common.top_k_indices(-common.squared_distances(protos, gallery_feats), k)
 
 
-def load_pretrained(workdir: str, config: ml_collections.ConfigDict, which: str = "best") -> dict:
+def load_pretrained(workdir: str, which: str = "best") -> dict:
   """{'params': ..., 'batch_stats': ...} of what a workdir holds, by part name.
 
   A stage-1 workdir ('idemenet_pretrain', or --mode=convert of softRandom.t7)
   gives E ('embedding'); a stage-2 workdir ('idemenet', or a converted
   metaNet_*.t7) gives the whole GNet: E with fc, D ('deformation') and 'scale',
-  round 2 of the published recipe. The workdir's own config.json rebuilds the
-  state it was saved with (keys it predates are taken from `config`).
+  round 2 of the published recipe. The arrays are read as saved; setup checks
+  that each part fits this config.
   """
-  from fewshot_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from fewshot_jax import sharding  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise ConfigError(f"method.pretrained={workdir!r} has no config.json; point it at the workdir of "
                       "a configs/idemenet.py run (pretrain or mini-*) or of --mode=convert")
   with open(path) as f:
-    pcfg = ml_collections.ConfigDict(json.load(f))
-  name = pcfg.method.name
+    name = json.load(f).get("method", {}).get("name")
   if name not in ("idemenet_pretrain", "idemenet"):
     raise CheckpointError(f"method.pretrained={workdir!r} holds a {name!r} run, not an IDeMe-Net "
                           "'idemenet_pretrain' (stage 1) or 'idemenet' (stage 2) one")
-  config_lib.fill_missing(pcfg, config)
-  _, state = checkpoint.load_for_eval(pcfg, workdir, sharding.make_mesh(), which)
+  saved = checkpoint.read_as_saved(workdir, which)
+  as_jax = lambda tree: jax.tree.map(jnp.asarray, dict(tree))
   if name == "idemenet_pretrain":
-    return {"params": {"embedding": state.params}, "batch_stats": {"embedding": state.model_state["batch_stats"]}}
-  return {"params": dict(state.params), "batch_stats": dict(state.model_state["batch_stats"])}
+    return {"params": {"embedding": as_jax(saved["params"])},
+            "batch_stats": {"embedding": as_jax(saved["model_state"]["batch_stats"])}}
+  return {"params": as_jax(saved["params"]), "batch_stats": as_jax(saved["model_state"]["batch_stats"])}
 
 
 def _schedule(config, lr):
@@ -308,7 +307,7 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
     if not mc.pretrained:
       raise ConfigError("method.pretrained is empty; set it to the workdir of the stage-1 run "
                         "(configs/idemenet.py:pretrain) or of --mode=convert")
-    loaded = load_pretrained(mc.pretrained, config)
+    loaded = load_pretrained(mc.pretrained)
     if mc.fix_deformation and "deformation" not in loaded["params"]:
       raise ConfigError(f"method.fix_deformation=True but method.pretrained={mc.pretrained!r} is a stage-1 "
                         "workdir with no trained D: D would stay frozen at its random init; point "
@@ -405,5 +404,21 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
   def predict(params, state, episode, key):
     return predict_all_modes(params, state, episode, key)[mc.eval_mode]
 
+  def figure_data(params, state, episode, key):
+    return deform(params, state, episode, key)
+
+  def write_figure(data, workdir, split, title, rows: int = 12):
+    """PNG of (probe, gallery, patch weights, deformed) of the first supports, and the mean patch
+    weight of D over all the deformed copies of the episodes (eval.tasks x supports x augnum)."""
+    probe, gallery, weights, deformed = data
+    take = lambda x: x[:, :, 0].reshape((-1,) + x.shape[3:])[:rows]  # first copy of each support
+    path = os.path.join(workdir, f"deformations_{split}.png")
+    if multihost.is_main():  # every process computed the figure's episodes; process 0 draws it
+      figures.deformation_grid(path, take(probe), take(gallery), take(weights), take(deformed),
+                               mean=config.data.mean, std=config.data.std, grid=grid, max_rows=rows, title=title)
+    return {"figure": path, "patch_weight_mean": float(np.mean(weights))}
+
   return IDeMeNetMethod("idemenet", init, loss, predict, optimizer=make_optimizer, setup=setup,
-                        predict_all_modes=predict_all_modes, deform=deform)
+                        predict_all_modes=predict_all_modes, eval_mode=lambda c: c.method.eval_mode,
+                        figures=common.Figures(figure_data, write_figure),
+                        deform=deform)

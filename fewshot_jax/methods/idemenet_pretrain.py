@@ -31,12 +31,12 @@ class Batch:
   labels: jax.Array  # [B] int32 base class
 
 
-_KEYS = ("batch_size", "images_per_class", "mix_prob", "grid", "flip_prob", "crop_scale", "num_classes")
+KEYS = ("batch_size", "images_per_class", "mix_prob", "grid", "flip_prob", "crop_scale", "num_classes")
 
 
-def build(config: ml_collections.ConfigDict) -> common.Method:
+def check_config(config: ml_collections.ConfigDict) -> None:
   mc = config.method
-  missing = [k for k in _KEYS if k not in mc]
+  missing = [k for k in KEYS if k not in mc]
   if missing:
     raise ConfigError(f"method.name='idemenet_pretrain' needs method.{', method.'.join(missing)}; "
                       "start from configs/idemenet.py:pretrain")
@@ -45,6 +45,11 @@ def build(config: ml_collections.ConfigDict) -> common.Method:
       raise ConfigError(f"method.{key}={mc[key]!r} must be a positive integer")
   if not 0.0 <= mc.mix_prob <= 1.0:
     raise ConfigError(f"method.mix_prob={mc.mix_prob} must lie in [0, 1]")
+
+
+def build(config: ml_collections.ConfigDict) -> common.Method:
+  check_config(config)
+  mc = config.method
   size = idemenet.input_size(config)
   model = idemenet.embedding_model(config)
   batch, per_class = mc.batch_size, mc.images_per_class

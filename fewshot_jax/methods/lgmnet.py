@@ -38,7 +38,6 @@ EVAL_MODES = ("single", "mean", "ensemble")
 class LGMNetMethod(common.Method):
   """common.Method plus LGM-Net's extra entry points.
 
-  predict_all_modes(params, state, episode, key) -> {mode: logits [T, N*Q, N]}.
   log_probs(params, state, episode, noise [D, T, L, Z]) -> [D, T, N*Q, N]:
     evaluation-mode log p(class | query) for D given noise draws.
   noise_shape(tasks) -> (tasks, L, Z), one draw's noise for a meta-batch.
@@ -50,7 +49,6 @@ class LGMNetMethod(common.Method):
     implementations.
   """
 
-  predict_all_modes: Callable[..., Any] | None = None
   log_probs: Callable[..., Any] | None = None
   noise_shape: Callable[..., Any] | None = None
   generated_weights: Callable[..., Any] | None = None
@@ -69,12 +67,22 @@ def vote(log_probs):
   return counts + 0.5 * jax.nn.softmax(jnp.mean(log_probs, 0), axis=-1)
 
 
-_KEYS = ("z_dim", "context_features", "target_features", "target_kernel", "l2_eps", "bn_momentum",
+def draw_noise(key, mode: str, shape, ensemble_draws: int):
+  """Noise [D, T, L, Z] of an evaluation mode: zeros for 'mean', one draw for 'single', the
+  ensemble's draws (the first equal to 'single''s) for 'ensemble'; shape = noise_shape(T)."""
+  if mode == "mean":
+    return jnp.zeros((1,) + tuple(shape), jnp.float32)
+  n = 1 if mode == "single" else ensemble_draws
+  return jax.random.normal(key, (n,) + tuple(shape), jnp.float32)
+
+
+KEYS = ("z_dim", "context_features", "target_features", "target_kernel", "l2_eps", "bn_momentum",
          "bn_epsilon", "dropout_rate", "task_conv", "eval_mode", "ensemble_draws", "cosine_scale", "eps", "kernel_layout")
 
 
-def _check(mc) -> None:
-  missing = [k for k in _KEYS if k not in mc]
+def check_config(config: ml_collections.ConfigDict) -> None:
+  mc = config.method
+  missing = [k for k in KEYS if k not in mc]
   if missing:
     raise ConfigError(f"method.name='lgmnet' needs method.{', method.'.join(missing)}; "
                       "start from configs/lgmnet.py")
@@ -95,11 +103,9 @@ def _check(mc) -> None:
 
 
 def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
+  check_config(config)
   mc = config.method
-  _check(mc)
   impl = config.model.conv_impl
-  if impl not in ("auto", "xla", "matmul_wgrad"):
-    raise ConfigError(f"model.conv_impl={impl!r} is unknown; valid: ['auto', 'xla', 'matmul_wgrad']")
   conv = layers.conv_function(impl)
   task_conv = layers.task_conv_function(impl)  # the TargetNet's per-task (kernel-batched) convolutions
   dtype = backbones.dtype_from_config(config)
@@ -188,11 +194,7 @@ def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
     return jax.vmap(one)(noise)
 
   def draws(key, mode, tasks):
-    """Noise [D, T, L, Z] of an evaluation mode."""
-    if mode == "mean":
-      return jnp.zeros((1,) + noise_shape(tasks), jnp.float32)
-    n = 1 if mode == "single" else mc.ensemble_draws
-    return jax.random.normal(key, (n,) + noise_shape(tasks), jnp.float32)
+    return draw_noise(key, mode, noise_shape(tasks), mc.ensemble_draws)
 
   def scores(mode, log_p):
     return vote(log_p) if mode == "ensemble" else log_p[0]
@@ -216,6 +218,6 @@ def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
   def generated_weights(params, state, episode, noise):
     return generate(params, embed(params, state, episode, False)[2], noise)
 
-  return LGMNetMethod("lgmnet", init, loss, predict, predict_all_modes=predict_all_modes,
+  return LGMNetMethod("lgmnet", init, loss, predict, predict_all_modes=predict_all_modes, eval_mode=lambda c: c.method.eval_mode,
                       log_probs=eval_log_probs, noise_shape=noise_shape,
                       generated_weights=generated_weights, train_log_probs=train_log_probs)

@@ -16,6 +16,9 @@ from fewshot_jax.methods import common
 from fewshot_jax.models import backbones
 
 
+KEYS = ("cosine_scale", "eps")
+
+
 def cosine_matching(query, support, support_labels, ways: int, scale: float, eps: float):
   """log p(class | query) for one task: softmax over supports of scale * cosine, summed per class."""
   qn = query / jnp.maximum(jnp.linalg.norm(query, axis=-1, keepdims=True), eps)

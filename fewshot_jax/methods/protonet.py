@@ -6,6 +6,9 @@ from fewshot_jax.methods import common
 from fewshot_jax.models import backbones
 
 
+KEYS = ()  # no keys of its own under method.*
+
+
 def head(support, support_labels, query, ways):
   """Logits of one task: minus the squared distance of each query to each class prototype."""
   return -common.squared_distances(query, common.prototypes(support, support_labels, ways))

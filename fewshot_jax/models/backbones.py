@@ -7,13 +7,16 @@ from fewshot_jax.errors import ConfigError
 from fewshot_jax.models import layers
 from fewshot_jax.models.conv4 import Conv4
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype
+BACKBONES = ("conv4",)  # model.backbone of the methods that take one
 
 
 def dtype_from_config(config: ml_collections.ConfigDict):
-  if config.model.dtype not in _DTYPES:
-    raise ConfigError(f"model.dtype={config.model.dtype!r} is not supported; valid: {sorted(_DTYPES)}")
-  return _DTYPES[config.model.dtype]
+  """model.dtype, checked (config.validate calls this first)."""
+  if config.model.dtype not in DTYPES:
+    raise ConfigError(f"model.dtype={config.model.dtype!r} is not supported; valid: {sorted(DTYPES)}")
+  return DTYPES[config.model.dtype]
 
 
 def remat_from_config(config: ml_collections.ConfigDict) -> bool:
@@ -26,10 +29,7 @@ def remat_from_config(config: ml_collections.ConfigDict) -> bool:
 
 def from_config(config: ml_collections.ConfigDict):
   name = config.model.backbone
-  impl = config.model.conv_impl
-  if impl not in ("auto", "xla", "matmul_wgrad"):
-    raise ConfigError(f"model.conv_impl={impl!r} is unknown; valid: ['auto', 'xla', 'matmul_wgrad']")
-  if name == "conv4":
-    return Conv4(features=config.model.features, dtype=dtype_from_config(config),
-                 conv_general_dilated=layers.conv_function(impl), remat=remat_from_config(config))
-  raise ConfigError(f"model.backbone={name!r} is unknown; valid: ['conv4']")
+  if name != "conv4":
+    raise ConfigError(f"model.backbone={name!r} is unknown; valid: {list(BACKBONES)}")
+  return Conv4(features=config.model.features, dtype=dtype_from_config(config),
+               conv_general_dilated=layers.conv_function(config.model.conv_impl), remat=remat_from_config(config))

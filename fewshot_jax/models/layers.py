@@ -82,6 +82,9 @@ def matmul_wgrad_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_
   return _make(strides, tuple(map(tuple, pads)), precision)(lhs, rhs)
 
 
+CONV_IMPLS = ("auto", "xla", "matmul_wgrad")  # model.conv_impl
+
+
 def resolve_conv_impl(impl: str) -> str:
   """'auto' -> what this backend wants for a plain convolution: 'xla' off the CPU and on a CPU
   whose convolutions run on XLA's own kernels (xla_setup), 'matmul_wgrad' on other CPUs."""

@@ -2,7 +2,7 @@
 
 Layout as in the prototypical-networks reference: `encoder.{i}` is
 Sequential(conv3x3 64 pad 1 with bias, BatchNorm2d, ReLU, MaxPool2d(2)), so keys
-are encoder.{i}.0.weight/bias (conv) and encoder.{i}.1.* (BN). convert.conv4_from_torch
+are encoder.{i}.0.weight/bias (conv) and encoder.{i}.1.* (BN). methods/protonet_torch.conv4_from_torch
 maps block i onto the Flax Conv_i / BatchNorm_i. The output is flattened in NCHW
 order, the Flax Conv4 in NHWC order: the embeddings are the same numbers in
 another order, so distances (and ProtoNet logits) agree exactly.
