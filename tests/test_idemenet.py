@@ -210,15 +210,15 @@ def test_two_stages_on_real_mini_imagenet(make_config, tmp_path):
   """Stage 1 writes a checkpoint, stage 2 loads it, builds the gallery from real base classes,
   trains, and evaluation scores both modes and draws the deformation figure (32 px, few steps)."""
   from PIL import Image
-  small = {"data.input_size": 32, "eval.val_episodes": 8, "eval.episodes": 8, "eval.tasks": 4,
+  small = {"data.input_size": 32, "eval.val_episodes": 4, "eval.episodes": 4, "eval.tasks": 4,
            "train.log_every": 2, "train.steps_per_call": 2}
   stage1 = make_config("idemenet", "pretrain", **small, **{
-      "method.batch_size": 16, "train.steps": 4, "train.eval_every": 4})
+      "method.batch_size": 16, "train.steps": 2, "train.eval_every": 2})
   train_lib.train_and_evaluate(stage1, str(tmp_path / "stage1"))
   stage2 = make_config("idemenet", "mini-5w1s", **small, **{
       "method.pretrained": str(tmp_path / "stage1"), "method.augnum": 2, "episode.queries": 3,
       "method.gallery_per_class": 4, "method.choose_num": 8,
-      "train.steps": 4, "train.eval_every": 4, "method.fix_embedding": False, "method.cls_start_step": 0})
+      "train.steps": 2, "train.eval_every": 2, "method.fix_embedding": False, "method.cls_start_step": 0})
   state = train_lib.train_and_evaluate(stage2, str(tmp_path / "stage2"))
   gallery = state.model_state["gallery"]
   assert gallery["images"].shape == (64 * 4, 84, 84, 3) and gallery["features"].shape == (64 * 4, 512)
