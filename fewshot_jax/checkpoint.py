@@ -215,6 +215,12 @@ def read_as_saved(workdir: str, which: str = "best") -> dict:
   return restored["state"]
 
 
+def write_config(workdir: str, config) -> None:
+  """<workdir>/config.json: the config a workdir's checkpoints were made with (training and
+  --mode=convert both record it here; evaluation and resume read it back)."""
+  files.write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+
+
 def write_json(path: str, payload) -> None:
   """Writes JSON atomically (unique temp file + rename), so a crash never leaves half a file."""
   files.write_atomic(path, json.dumps(payload, indent=2))

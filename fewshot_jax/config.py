@@ -199,7 +199,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"model.conv_impl={c.model.conv_impl!r} is unknown; valid: {list(layers.CONV_IMPLS)}")
   backbones.dtype_from_config(c)
   backbones.remat_from_config(c)
-  methods.check_config(c, shared=tuple(base_config().method))
+  base = base_config()
+  methods.check_config(c, shared=tuple(base.method), train_defaults=base.train)
   return c
 
 

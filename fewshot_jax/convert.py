@@ -85,7 +85,7 @@ def _save_converted(config, state, workdir) -> None:
   ckpt.save(ckpt.best, state, meta, metrics={"val_accuracy": 0.0})
   ckpt.wait()
   ckpt.close()
-  files.write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  checkpoint.write_config(workdir, config)
 
 
 def export_checkpoint(config, workdir: str, path: str) -> dict:

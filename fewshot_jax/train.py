@@ -205,7 +205,7 @@ def _record_config(config, workdir: str, resumed: bool) -> None:
       entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changed, "previous": started}
       with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
         f.write(json.dumps(entry) + "\n")
-  files.write_atomic(path, config.to_json_best_effort(indent=2))
+  checkpoint.write_config(workdir, config)
 
 
 def _resume(ckpt: checkpoint.Checkpoints, fresh, config, replicated):
@@ -265,7 +265,8 @@ def _train(config, workdir, hooks, mesh) -> state_lib.TrainState:
                            replicated)
 
   train_fn = make_train_fn(method, tx, config, mesh)
-  schedule = state_lib.learning_rate_schedule(config.train)
+  schedule = (state_lib.learning_rate_schedule(config.train) if method.learning_rate is None
+              else method.learning_rate(config))
   writer = MetricWriter(workdir)
   tc = config.train
   start = int(state.step)

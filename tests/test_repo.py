@@ -5,6 +5,7 @@ import re
 import pytest
 
 from fewshot_jax import config as config_lib
+from fewshot_jax.errors import ConfigError
 from tests.conftest import REPO, load_config
 
 PRESETS = ["omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s", "mini-5w1s",
@@ -102,3 +103,25 @@ def test_no_import_loop():
 
   for m in sorted(graph):
     visit(m, [])
+
+
+@pytest.mark.parametrize("method, preset, key, value, needles", [
+    ("protonet", "synthetic", "method.cosine_scal", 1.0, ("method.cosine_scal", "'protonet'", "cosine_scale")),
+    ("idemenet", "mini-5w1s", "method.lr_deform", 0.1, ("method.lr_deform", "lr_deformation")),
+    ("idemenet", "mini-5w1s", "train.lr", 0.01, ("train.lr=0.01", "'idemenet'", "method.*", "0.001")),
+    ("idemenet", "mini-5w1s", "train.grad_clip", 1.0, ("train.grad_clip=1.0", "'idemenet'")),
+    ("lgmnet", "omniglot-5w1s", "model.backbone", "conv4", ("model.backbone='conv4'", "'lgm_extractor'")),
+    ("idemenet", "pretrain", "model.backbone", "resnet50", ("model.backbone='resnet50'", "'resnet18'")),
+    ("idemenet", "mini-5w1s", "model.conv_impl", "xl", ("model.conv_impl='xl'", "'xla'")),
+    ("lgmnet", "omniglot-5w1s", "model.conv_impl", "xl", ("model.conv_impl='xl'", "'xla'")),
+])
+def test_method_keys_are_checked_once_for_every_method(method, preset, key, value, needles):
+  """A misspelled method key, a train.* key the method's optimiser ignores, a backbone the method
+  does not build and a bad conv_impl are each one ConfigError naming the key and what is valid."""
+  c = load_config(method, preset)
+  section, name = key.split(".")
+  c[section][name] = value
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c)
+  message = str(e.value)
+  assert "\n" not in message and all(n in message for n in needles), message

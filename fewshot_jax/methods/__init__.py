@@ -4,7 +4,8 @@ A method is its own files (methods/<name>.py, optionally methods/<name>_torch.py
 for its PyTorch bridge: a function bridge(config, shapes) -> state_dicts.TorchBridge),
 one line in METHODS and a config file
 (configs/<name>.py). Each method module declares `KEYS` (every key it reads
-under method.*) and may define `check_config(config)`; config.validate runs them.
+under method.*) and `BACKBONES` (the model.backbone values it builds), may list
+`UNUSED_TRAIN_KEYS` and define `check_config(config)`; config.validate runs them.
 """
 
 import importlib
@@ -21,9 +22,10 @@ def module(name: str):
   return importlib.import_module(f"fewshot_jax.methods.{name}")
 
 
-def check_config(config, shared=("name",)) -> None:
+def check_config(config, shared=("name",), train_defaults=None) -> None:
   """Every key under method.* is one the method declares (or one of the base config's `shared`
-  keys), none is missing, and the method's own checks pass (called by config.validate)."""
+  keys), none is missing, model.backbone is one of its BACKBONES, no train.* key the method's optimiser ignores (its UNUSED_TRAIN_KEYS)
+  differs from `train_defaults`, and the method's own checks pass (called by config.validate)."""
   mod = module(config.method.name)
   declared = tuple(dict.fromkeys(tuple(shared) + tuple(mod.KEYS)))
   unknown = [k for k in config.method if k not in declared]
@@ -34,6 +36,14 @@ def check_config(config, shared=("name",)) -> None:
   if missing:
     raise ConfigError(f"method.name={config.method.name!r} needs method.{', method.'.join(missing)}; "
                       f"start from configs/{config.method.name.split('_')[0]}.py")
+  if config.model.backbone not in mod.BACKBONES:
+    raise ConfigError(f"model.backbone={config.model.backbone!r} is not a network of "
+                      f"method.name={config.method.name!r}; valid: {list(mod.BACKBONES)}")
+  for key in getattr(mod, "UNUSED_TRAIN_KEYS", ()) if train_defaults is not None else ():
+    if config.train[key] != train_defaults[key]:
+      raise ConfigError(f"train.{key}={config.train[key]!r} is not read by method.name={config.method.name!r}, "
+                        f"whose optimiser takes its settings from method.*; leave train.{key} at "
+                        f"{train_defaults[key]!r}")
   check = getattr(mod, "check_config", None)
   if check is not None:
     check(config)

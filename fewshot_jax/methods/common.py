@@ -16,7 +16,10 @@ class Method:
   loss(params, state, episode, key) -> (loss, (metrics, new_state)); state is
     the non-trainable collections (BatchNorm statistics), updated in training.
   predict(params, state, episode, key) -> logits [T, N*Q, N].
-  optimizer(config) -> optax transformation, or None for the trainer's default.
+  optimizer(config) -> optax transformation, or None for the trainer's default
+    (a method whose optimiser ignores train.* lists those keys as UNUSED_TRAIN_KEYS in its
+    module, so that setting one is an error rather than silently ignored);
+    learning_rate(config) -> the schedule the trainer logs as `lr` (None: train.*'s).
   Optional hooks, for methods whose training is not plain episodes:
   train_batch(key, dataset) -> the batch `loss` trains on (default: episodes of
     config.episode.*); train_example() -> its shapes, for init.
@@ -42,6 +45,7 @@ class Method:
   predict_all_modes: Callable[..., Any] | None = None
   eval_mode: Callable[..., str] | None = None
   figures: "Figures | None" = None
+  learning_rate: Callable[..., Any] | None = None
 
   def modes(self, params, state, episode, key) -> dict:
     """{mode: logits [T, N*Q, N]} for every prediction mode."""

@@ -66,10 +66,14 @@ class IDeMeNetMethod(common.Method):
   deform: Callable[..., Any] | None = None
 
 
+BACKBONES = ("resnet18",)  # model.backbone: E is a ResNet-18
 KEYS = ("grid", "augnum", "choose_num", "gallery_per_class", "gallery_seed", "num_classes", "probe_flip",
          "gallery_flip", "gallery_bn", "gallery_bn_chunk", "cls_images", "decay_scale",
          "pretrained", "fix_embedding", "fix_deformation", "lr_deformation", "lr_scale", "lr_embedding",
          "lr_fc", "cls_start_step", "decay_every", "decay_factor", "eval_mode", "scale_init")
+# make_optimizer reads method.lr_* / decay_* only: these train.* keys must keep their defaults.
+UNUSED_TRAIN_KEYS = ("optimizer", "lr", "schedule", "decay_every", "decay_factor", "min_lr", "warmup_steps",
+                     "weight_decay", "grad_clip")
 GALLERY_BN = ("train", "eval")
 CLS_IMAGES = ("all", "deformed")
 
@@ -418,7 +422,8 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
                                mean=config.data.mean, std=config.data.std, grid=grid, max_rows=rows, title=title)
     return {"figure": path, "patch_weight_mean": float(np.mean(weights))}
 
-  return IDeMeNetMethod("idemenet", init, loss, predict, optimizer=make_optimizer, setup=setup,
+  return IDeMeNetMethod("idemenet", init, loss, predict, optimizer=make_optimizer,
+                        learning_rate=lambda c: _schedule(c, c.method.lr_deformation), setup=setup,
                         predict_all_modes=predict_all_modes, eval_mode=lambda c: c.method.eval_mode,
                         figures=common.Figures(figure_data, write_figure),
                         deform=deform)

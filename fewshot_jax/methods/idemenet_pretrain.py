@@ -31,6 +31,7 @@ class Batch:
   labels: jax.Array  # [B] int32 base class
 
 
+BACKBONES = ("resnet18",)  # model.backbone: the one network it trains
 KEYS = ("batch_size", "images_per_class", "mix_prob", "grid", "flip_prob", "crop_scale", "num_classes")
 
 

@@ -76,6 +76,7 @@ def draw_noise(key, mode: str, shape, ensemble_draws: int):
   return jax.random.normal(key, (n,) + tuple(shape), jnp.float32)
 
 
+BACKBONES = ("lgm_extractor",)  # model.backbone: the MetaNet's extractor, built here
 KEYS = ("z_dim", "context_features", "target_features", "target_kernel", "l2_eps", "bn_momentum",
          "bn_epsilon", "dropout_rate", "task_conv", "eval_mode", "ensemble_draws", "cosine_scale", "eps", "kernel_layout")
 

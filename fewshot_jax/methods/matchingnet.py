@@ -17,6 +17,7 @@ from fewshot_jax.models import backbones
 
 
 KEYS = ("cosine_scale", "eps")
+BACKBONES = backbones.BACKBONES  # model.backbone: built by backbones.from_config
 
 
 def cosine_matching(query, support, support_labels, ways: int, scale: float, eps: float):

@@ -7,6 +7,7 @@ from fewshot_jax.models import backbones
 
 
 KEYS = ()  # no keys of its own under method.*
+BACKBONES = backbones.BACKBONES  # model.backbone: built by backbones.from_config
 
 
 def head(support, support_labels, query, ways):
