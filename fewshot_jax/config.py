@@ -200,7 +200,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   backbones.dtype_from_config(c)
   backbones.remat_from_config(c)
   base = base_config()
-  methods.check_config(c, shared=tuple(base.method), train_defaults=base.train)
+  methods.check_config(c, shared=base.method.to_dict(), train_defaults=base.train)
   return c
 
 

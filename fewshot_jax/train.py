@@ -288,11 +288,14 @@ def _train(config, workdir, hooks, mesh) -> state_lib.TrainState:
         metrics = jax.device_get(metrics)
         if metrics["nonfinite"] > 0 and tc.nonfinite == "stop":
           good = ckpt.latest.latest_step()
+          own = method.learning_rate is not None  # the method's optimiser reads its own keys, not train.lr
           raise TrainingDiverged(
               f"the loss or a gradient became non-finite between steps {step - length} and {step} "
-              f"(train.lr={tc.lr}); " + (f"the last good checkpoint is step {good} in {ckpt.latest.directory}"
-                                         if good is not None else "no checkpoint was written yet") +
-              "; lower train.lr, or set train.nonfinite='skip' to skip such steps")
+              f"({f'learning rate {float(schedule(step - length)):.2e}' if own else f'train.lr={tc.lr}'}); " +
+              (f"the last good checkpoint is step {good} in {ckpt.latest.directory}"
+               if good is not None else "no checkpoint was written yet") +
+              f"; lower {'the learning rates under method.' if own else 'train.lr'}, or set "
+              "train.nonfinite='skip' to skip such steps")
         if step % tc.log_every == 0 or step == tc.steps:
           elapsed = time.time() - t0
           eps = done_since_t0 * config.episode.tasks / elapsed

@@ -19,7 +19,8 @@ class Method:
   optimizer(config) -> optax transformation, or None for the trainer's default
     (a method whose optimiser ignores train.* lists those keys as UNUSED_TRAIN_KEYS in its
     module, so that setting one is an error rather than silently ignored);
-    learning_rate(config) -> the schedule the trainer logs as `lr` (None: train.*'s).
+    learning_rate(config) -> the schedule the trainer logs as `lr` and names in a divergence
+    error, for a method whose optimiser does not read train.lr (None: train.*'s).
   Optional hooks, for methods whose training is not plain episodes:
   train_batch(key, dataset) -> the batch `loss` trains on (default: episodes of
     config.episode.*); train_example() -> its shapes, for init.
