@@ -104,8 +104,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if mc.fix_embedding and mc.fix_deformation:
     raise ConfigError("method.fix_embedding and method.fix_deformation are both True: nothing but "
                       "the scale would train")
-  if config.data.name != "mini_imagenet" and config.data.name != "synthetic":
-    raise ConfigError(f"IDeMe-Net runs on mini_imagenet (RGB); data.name={config.data.name!r}")
+  if config.data.name != "synthetic" and len(config.data.mean) != 3:  # the dataset's channel statistics
+    raise ConfigError(f"IDeMe-Net runs on RGB datasets; data.name={config.data.name!r} has "
+                      f"{len(config.data.mean)} channel(s)")
 
 
 def embedding_model(config: ml_collections.ConfigDict) -> ResNet18:
