@@ -15,5 +15,7 @@ PRESETS = _PROTONET.PRESETS
 def get_config(preset: str = "synthetic"):
   c = _PROTONET.get_config(preset)
   c.method.name = "matchingnet"
-  c.method.update(cosine_scale=1.0, eps=1e-8)
+  c.method.update(
+      cosine_scale=1.0,  # softmax of plain cosine similarities (Vinyals et al.: no temperature)
+      eps=1e-8)  # log(p + eps) and the cosine's norm floor
   return c

@@ -63,10 +63,9 @@ def default_data_dir() -> str:
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # method.*: name and the matching heads' cosine_scale / eps are here, so that a config switches
-  # between metric methods by method.name alone; every other key is the method's own, declared by
+  # method.*: only the name is common; every other key is the method's own, declared by
   # methods/<name>.py (KEYS) and set by configs/<name>.py.
-  c.method = ml_collections.ConfigDict(dict(name="", cosine_scale=1.0, eps=1e-8))
+  c.method = ml_collections.ConfigDict(dict(name=""))
   # model.remat: recompute each backbone block in the backward pass (less activation
   # memory, more FLOPs: benchmarks/steps.py); parameter names are the same either way.
   c.model = ml_collections.ConfigDict(dict(backbone="conv4", features=64, dtype="float32", conv_impl="auto",
@@ -200,7 +199,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   backbones.dtype_from_config(c)
   backbones.remat_from_config(c)
   base = base_config()
-  methods.check_config(c, shared=base.method.to_dict(), train_defaults=base.train)
+  methods.check_config(c, train_defaults=base.train)
   return c
 
 

@@ -309,9 +309,11 @@ def load_into_torch(module, variables, converter: Callable[[dict], dict], aliase
                           f"unexpected {sorted(have - want)[:5]}")
   flat = np.zeros(offset, np.float32)
   covered = np.zeros(offset, bool)
-  for pos, value in zip(jax.tree.leaves(positions), jax.tree.leaves(variables)):
+  for (path, pos), value in zip(jax.tree_util.tree_leaves_with_path(positions), jax.tree.leaves(variables)):
     if pos.shape != value.shape:
-      raise CheckpointError(f"a variable of shape {value.shape} does not fit the PyTorch {what} ({pos.shape})")
+      name = "/".join(str(getattr(e, "key", e)) for e in path)
+      raise CheckpointError(f"{name} has shape {tuple(value.shape)}, but the PyTorch {what} needs "
+                            f"{tuple(pos.shape)} there")
     flat[pos.ravel()] = value.astype(np.float32).ravel()
     covered[pos.ravel()] = True
   state = {}

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -196,6 +197,27 @@ def trained(tmp_path_factory, tfds_dir):
   return workdir
 
 
+def test_export_convert_compare_through_launch(trained, tmp_path, tfds_dir):
+  """Not an error case: --mode=export, convert and compare through launch.py itself for a method
+  beside IDeMe-Net (the API behind them is tested per method in test_compare.py). The exported
+  file converts back to the very same arrays, and PyTorch scores them like JAX."""
+  torch_file, back = tmp_path / "protonet.pt", tmp_path / "back"
+  for mode, workdir in (("export", trained), ("convert", back), ("compare", back)):
+    result = launch(*TINY_RUN, f"--mode={mode}", f"--workdir={workdir}", f"--torch_checkpoint={torch_file}",
+                    tfds_dir=tfds_dir)
+    assert result.returncode == 0, result.stderr[-6000:]
+  from fewshot_jax import config as config_lib, restore, sharding, state_dicts  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_file(str(REPO / "configs" / "default.py"), "synthetic")
+  loaded = [restore.load_for_eval(config, str(w), sharding.make_mesh(), "best")[1] for w in (trained, back)]
+  got, expected = (state_dicts.plain({"params": s.params, **s.model_state}) for s in loaded)
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, b)
+  compared = json.loads((back / "compare_test.json").read_text())
+  assert compared["method"] == "protonet" and compared["episodes"] == 16
+  assert compared["modes"]["default"]["within_tolerance"], compared["modes"]
+
+
 def test_eval_without_checkpoint(tmp_path, tfds_dir):
   workdir = tmp_path / "empty"
   workdir.mkdir()
@@ -221,7 +243,7 @@ def test_eval_corrupt_checkpoint(damage, trained, tmp_path, tfds_dir):
 
 
 def test_eval_checkpoint_of_another_method(trained, tfds_dir):
-  line = user_error(launch(*TINY_RUN, "--config.method.name=matchingnet", "--mode=eval",
+  line = user_error(launch("--config=configs/matchingnet.py:synthetic", *TINY_RUN, "--mode=eval",
                            f"--workdir={trained}", tfds_dir=tfds_dir),
                     "'protonet'", "'matchingnet'", str(trained / "best" / "2"))
   assert "does not match the config" in line

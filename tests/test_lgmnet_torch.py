@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from fewshot_jax import methods
+from fewshot_jax import state_dicts
 from fewshot_jax.data import episodes
+from fewshot_jax.errors import CheckpointError
 from fewshot_jax.models import layers
 from fewshot_jax.models import lgmnet as lgm
 from fewshot_jax.torch_reference import lgmnet as tlgm
@@ -73,9 +75,16 @@ def _torch_images(x):
 
 
 def _torch_model(config, variables):
-  model = tlgm.LGMNet.from_config(config, CHANNELS)
-  tlgm.load_from_flax(model, variables)
-  return model
+  """The method's own bridge (methods/lgmnet_torch.py), as --mode=compare / export use it."""
+  bridge = methods.torch_bridge(config, variables, "compare")
+  return bridge.to_torch(variables["params"], {"batch_stats": variables["batch_stats"]})
+
+
+def _load_flax_named(module, variables):
+  """Flax variables into a torch_reference module whose attribute names are the Flax names."""
+  spec = state_dicts.Spec().flax_names(variables)
+  convert = lambda sd: {c: tree for c, tree in spec.convert(sd, "index", "test").items() if c in variables}
+  return state_dicts.load_into_torch(module, variables, convert, what="test")
 
 
 def _torch_log_probs(model, ep, noise):
@@ -107,7 +116,7 @@ def test_weight_generator_equals_flax():
   params = _random_variables(jax.eval_shape(gen.init, jax.random.key(0), mu, log_var, noise), 2)["params"]
   kernels, biases = jax.jit(gen.apply)({"params": params}, mu, log_var, noise)
   tgen = tlgm.WeightGenerator(z, [(n, cin, kh, kw) for kh, kw, cin, n in flax_shapes])
-  tlgm.load_from_flax(tgen, {"params": params})
+  _load_flax_named(tgen, {"params": params})
   with torch.no_grad():
     tk, tb = tgen(*(torch.from_numpy(a) for a in (mu, log_var, noise)))
   for l, (kh, kw, cin, n) in enumerate(flax_shapes):
@@ -200,27 +209,29 @@ def _small():
   return config, _method_variables(methods.build(config), _episode(1, 12), 0)
 
 
-def test_load_from_flax_is_strict():
+def test_bridge_to_torch_is_strict():
+  """The bridge's to_torch sets every torch tensor from the right Flax leaf, and a variable tree
+  of the wrong shape, with a leaf missing or with a leaf too many is one CheckpointError naming it."""
   config, variables = _small()
-  model = tlgm.LGMNet.from_config(config, CHANNELS)
-  tlgm.load_from_flax(model, variables)
+  model = _torch_model(config, variables)
   np.testing.assert_array_equal(model.extractor.conv2.weight.detach().numpy(),
                                 variables["params"]["extractor"]["conv2"]["kernel"].transpose(3, 2, 0, 1))
   np.testing.assert_array_equal(model.weight_generator.layer1.weight.detach().numpy(),
                                 variables["params"]["weight_generator"]["layer1"]["kernel"].T)
+  np.testing.assert_array_equal(model.context_encoder.bn1.running_var.numpy(),
+                                variables["batch_stats"]["context_encoder"]["bn1"]["var"])
+  to_torch = methods.torch_bridge(config, variables, "export").to_torch
+  stats = lambda v: {"batch_stats": v["batch_stats"]}
 
   bad = jax.tree.map(lambda a: a, variables)
   bad["params"]["extractor"]["conv2"]["kernel"] = np.zeros((3, 3, 8, 7), np.float32)
-  before = model.extractor.conv1.weight.detach().clone()
-  with pytest.raises(ValueError, match=r"extractor\.conv2\.weight"):
-    tlgm.load_from_flax(model, bad)
-  assert torch.equal(model.extractor.conv1.weight, before)  # nothing copied
-  with pytest.raises(ValueError, match=r"context_encoder\.bn1\.running_var"):
-    tlgm.load_from_flax(model, {"params": variables["params"], "batch_stats": {
-        "extractor": variables["batch_stats"]["extractor"],
-        "context_encoder": {"bn1": {"mean": variables["batch_stats"]["context_encoder"]["bn1"]["mean"]},
-                            "bn2": variables["batch_stats"]["context_encoder"]["bn2"]}}})
+  with pytest.raises(CheckpointError, match=r"params/extractor/conv2/kernel has shape \(3, 3, 8, 7\)"):
+    to_torch(bad["params"], stats(bad))
+  missing = jax.tree.map(lambda a: a, variables)
+  del missing["batch_stats"]["context_encoder"]["bn1"]["var"]
+  with pytest.raises(CheckpointError, match=r"missing \['batch_stats/context_encoder/bn1/var'\]"):
+    to_torch(missing["params"], stats(missing))
   extra = jax.tree.map(lambda a: a, variables)
   extra["params"]["extractor"]["conv5"] = extra["params"]["extractor"]["conv4"]
-  with pytest.raises(ValueError, match=r"extractor\.conv5"):
-    tlgm.load_from_flax(model, extra)
+  with pytest.raises(CheckpointError, match=r"unexpected \['params/extractor/conv5/bias'"):
+    to_torch(extra["params"], stats(extra))

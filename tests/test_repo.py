@@ -106,9 +106,9 @@ def test_no_import_loop():
 
 
 @pytest.mark.parametrize("method, preset, key, value, needles", [
-    ("protonet", "synthetic", "method.cosine_scal", 1.0, ("method.cosine_scal", "'protonet'", "cosine_scale")),
+    ("matchingnet", "synthetic", "method.cosine_scal", 1.0, ("method.cosine_scal", "'matchingnet'", "cosine_scale")),
     ("idemenet", "mini-5w1s", "method.lr_deform", 0.1, ("method.lr_deform", "lr_deformation")),
-    ("protonet", "synthetic", "method.cosine_scale", 10.0, ("method.cosine_scale=10.0", "'protonet'", "1.0")),
+    ("protonet", "synthetic", "method.cosine_scale", 10.0, ("method.cosine_scale", "'protonet'", "valid: ['name']")),
     ("idemenet", "mini-5w1s", "train.lr", 0.01, ("train.lr=0.01", "'idemenet'", "method.*", "0.001")),
     ("idemenet", "mini-5w1s", "train.grad_clip", 1.0, ("train.grad_clip=1.0", "'idemenet'")),
     ("lgmnet", "omniglot-5w1s", "model.backbone", "conv4", ("model.backbone='conv4'", "'lgm_extractor'")),

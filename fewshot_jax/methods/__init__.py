@@ -22,14 +22,12 @@ def module(name: str):
   return importlib.import_module(f"fewshot_jax.methods.{name}")
 
 
-def check_config(config, shared=None, train_defaults=None) -> None:
-  """Called by config.validate: every key under method.* is one the method declares or one of
-  the base config's `shared` {key: default} (left at its default unless the method declares it),
-  none is missing, model.backbone is one of its BACKBONES, no train.* key its own optimiser
-  ignores (UNUSED_TRAIN_KEYS) differs from `train_defaults`, and its own checks pass."""
+def check_config(config, train_defaults=None) -> None:
+  """Called by config.validate: every key under method.* is `name` or one the method declares
+  (KEYS), none is missing, model.backbone is one of its BACKBONES, no train.* key its own
+  optimiser ignores (UNUSED_TRAIN_KEYS) differs from `train_defaults`, and its own checks pass."""
   mod = module(config.method.name)
-  shared = dict(shared or {"name": None})
-  declared = tuple(dict.fromkeys(tuple(shared) + tuple(mod.KEYS)))
+  declared = ("name",) + tuple(mod.KEYS)
   unknown = [k for k in config.method if k not in declared]
   if unknown:
     raise ConfigError(f"method.{unknown[0]} is not a key of method.name={config.method.name!r}; "
@@ -41,10 +39,6 @@ def check_config(config, shared=None, train_defaults=None) -> None:
   if config.model.backbone not in mod.BACKBONES:
     raise ConfigError(f"model.backbone={config.model.backbone!r} is not a network of "
                       f"method.name={config.method.name!r}; valid: {list(mod.BACKBONES)}")
-  for key, default in shared.items():
-    if key != "name" and key not in mod.KEYS and config.method[key] != default:
-      raise ConfigError(f"method.{key}={config.method[key]!r} is not read by method.name={config.method.name!r}; "
-                        f"leave it at {default!r}")
   for key in getattr(mod, "UNUSED_TRAIN_KEYS", ()) if train_defaults is not None else ():
     if config.train[key] != train_defaults[key]:
       raise ConfigError(f"train.{key}={config.train[key]!r} is not read by method.name={config.method.name!r}, "

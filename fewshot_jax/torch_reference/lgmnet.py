@@ -12,10 +12,8 @@ stacked on the channel axis, groups = T). Embeddings are flattened in torch's
 log-probabilities, do not depend on that order.
 """
 
-from collections.abc import Mapping
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -227,53 +225,3 @@ def loss(model, support, support_labels, query, query_labels, ways: int, noise):
   log_p = model(support, support_labels, query, ways, noise)
   return F.nll_loss(log_p.reshape(-1, ways), query_labels.reshape(-1).long())
 
-
-_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-           "var": "running_var"}
-
-
-def _flatten(tree, prefix=()):
-  for name, value in tree.items():
-    if isinstance(value, Mapping):
-      yield from _flatten(value, prefix + (name,))
-    else:
-      yield prefix + (name,), value
-
-
-def load_from_flax(module: nn.Module, variables) -> None:
-  """Copies a Flax variable tree ({'params': ..., 'batch_stats': ...}) into `module`.
-
-  Flax module names are the torch attribute names (extractor.conv1, ...), so
-  params/extractor/conv1/kernel -> extractor.conv1.weight. Conv kernels HWIO
-  -> OIHW, Dense kernels [in, out] -> Linear weights [out, in], BatchNorm
-  scale / bias / mean / var -> weight / bias / running_mean / running_var.
-  Strict: every parameter and buffer (bar num_batches_tracked) must be set and
-  every Flax leaf used; a mismatch raises ValueError naming the key, and
-  nothing is copied then.
-  """
-  targets = {k: v for k, v in module.state_dict(keep_vars=True).items()
-             if not k.endswith("num_batches_tracked")}
-  sources = {}
-  for collection, tree in variables.items():
-    if collection not in ("params", "batch_stats"):
-      raise ValueError(f"Flax collection {collection!r} has no torch counterpart")
-    for path, leaf in _flatten(tree):
-      flax_key = "/".join((collection,) + path)
-      if path[-1] not in _LEAVES:
-        raise ValueError(f"{flax_key}: unknown Flax leaf name {path[-1]!r}")
-      key = ".".join(path[:-1] + (_LEAVES[path[-1]],))
-      if key not in targets:
-        raise ValueError(f"{flax_key}: the torch module has no {key!r}")
-      value = np.asarray(leaf, dtype=np.float32)
-      if path[-1] == "kernel":
-        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-      if tuple(value.shape) != tuple(targets[key].shape):
-        raise ValueError(f"{key}: Flax {flax_key} gives shape {tuple(value.shape)} (torch layout), "
-                         f"the torch module has {tuple(targets[key].shape)}")
-      sources[key] = value
-  missing = sorted(set(targets) - set(sources))
-  if missing:
-    raise ValueError(f"the Flax variables do not set {missing}")
-  with torch.no_grad():
-    for key, value in sources.items():
-      targets[key].copy_(torch.tensor(value))
