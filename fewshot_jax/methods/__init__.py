@@ -50,6 +50,8 @@ def check_config(config, train_defaults=None) -> None:
 
 
 def build(config):
+  """The method of config.method.name, its keys checked first (config.validate checks more)."""
+  check_config(config)
   return module(config.method.name).build(config)
 
 

@@ -80,10 +80,6 @@ CLS_IMAGES = ("all", "deformed")
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   mc = config.method
-  missing = [k for k in KEYS if k not in mc]
-  if missing:
-    raise ConfigError(f"method.name='idemenet' needs method.{', method.'.join(missing)}; "
-                      "start from configs/idemenet.py")
   if mc.grid not in (3, 5, 7):
     raise ConfigError(f"method.grid={mc.grid!r} is not supported; valid: [3, 5, 7]")
   for key in ("augnum", "choose_num", "gallery_per_class", "num_classes", "decay_every", "gallery_bn_chunk"):
@@ -276,7 +272,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
-  check_config(config)
   mc = config.method
   size = input_size(config)
   grid, augnum, choose = mc.grid, mc.augnum, mc.choose_num

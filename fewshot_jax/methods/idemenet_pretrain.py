@@ -37,10 +37,6 @@ KEYS = ("batch_size", "images_per_class", "mix_prob", "grid", "flip_prob", "crop
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   mc = config.method
-  missing = [k for k in KEYS if k not in mc]
-  if missing:
-    raise ConfigError(f"method.name='idemenet_pretrain' needs method.{', method.'.join(missing)}; "
-                      "start from configs/idemenet.py:pretrain")
   for key in ("batch_size", "images_per_class", "num_classes"):
     if not isinstance(mc[key], int) or mc[key] < 1:
       raise ConfigError(f"method.{key}={mc[key]!r} must be a positive integer")
@@ -49,7 +45,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def build(config: ml_collections.ConfigDict) -> common.Method:
-  check_config(config)
   mc = config.method
   size = idemenet.input_size(config)
   model = idemenet.embedding_model(config)

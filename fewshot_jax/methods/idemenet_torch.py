@@ -16,7 +16,6 @@ What each framework computes in compare:
 
 from collections.abc import Mapping
 
-import jax
 import ml_collections
 import numpy as np
 import torch

@@ -83,10 +83,6 @@ KEYS = ("z_dim", "context_features", "target_features", "target_kernel", "l2_eps
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   mc = config.method
-  missing = [k for k in KEYS if k not in mc]
-  if missing:
-    raise ConfigError(f"method.name='lgmnet' needs method.{', method.'.join(missing)}; "
-                      "start from configs/lgmnet.py")
   if mc.task_conv not in lgm.TASK_CONVS:
     raise ConfigError(f"method.task_conv={mc.task_conv!r} is unknown; valid: {list(lgm.TASK_CONVS)}")
   if mc.eval_mode not in EVAL_MODES:
@@ -104,7 +100,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
-  check_config(config)
   mc = config.method
   impl = config.model.conv_impl
   conv = layers.conv_function(impl)
