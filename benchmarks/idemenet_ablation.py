@@ -8,7 +8,7 @@ and one change each. Prints accuracy +- 95% CI of the 'deformed' and 'plain'
 modes and D's mean patch weight over the figure's episodes.
 
   python benchmarks/idemenet_ablation.py --pretrained=runs/ideme-pretrain-84 --out=runs/ablation \
-      --steps=100 --episodes=600
+      --steps=200 --episodes=600
 """
 
 import json
