@@ -40,8 +40,8 @@ def compare_on_episodes(config: ml_collections.ConfigDict, params, state,
   """Scores every prediction mode in JAX and PyTorch on the same episodes.
 
   `episode_batches` yields Episode batches of T tasks; the batch starting at
-  episode `start` is predicted with fold_in(key, start), as Evaluator does with
-  its predict key. Stops after `num_episodes` episodes (the last batch is run
+  episode `start` is predicted with keys fold_in(key, start + t) for its tasks t, as
+  Evaluator does with its predict key. Stops after `num_episodes` episodes (the last batch is run
   whole in JAX, so the random choices do not depend on the cut).
 
   Returns {mode: {"jax": [E] accuracies, "torch": [E] accuracies,
@@ -53,9 +53,9 @@ def compare_on_episodes(config: ml_collections.ConfigDict, params, state,
   bridge = methods.torch_bridge(config, {"params": params, **state}, "compare")
 
   @jax.jit
-  def side(params, state, episode, key):
-    extras = None if bridge.jax_extras is None else bridge.jax_extras(params, state, episode, key)
-    return method.modes(params, state, episode, key), extras
+  def side(params, state, episode, keys):
+    extras = None if bridge.jax_extras is None else bridge.jax_extras(params, state, episode, keys)
+    return method.modes(params, state, episode, keys), extras
 
   device = state_dicts.torch_device()
   net = bridge.to_torch(params, state).to(device)
@@ -64,7 +64,8 @@ def compare_on_episodes(config: ml_collections.ConfigDict, params, state,
     if num_episodes is not None and start >= num_episodes:
       break
     with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
-      logits, extras = jax.device_get(side(params, state, episode, jax.random.fold_in(key, start)))
+      keys = evaluate.indexed_keys(key, start, episode.support.shape[0])
+      logits, extras = jax.device_get(side(params, state, episode, keys))
     ep = jax.device_get({"support": episode.support, "support_labels": episode.support_labels,
                          "query": episode.query, "query_labels": episode.query_labels})
     t = ep["support"].shape[0]

@@ -1,7 +1,18 @@
 """Episodic evaluation: mean accuracy over E episodes with a 95% confidence interval.
 
-Episode i is drawn from fold_in(eval.seed, i), so every method, checkpoint,
-batch size and device count is scored on the very same episodes.
+Episode i is drawn from fold_in(sample key, i) and predicted with the noise of
+fold_in(predict key, i), so every method, checkpoint, batch size, device count
+and process count is scored on the very same episodes with the very same
+prediction noise.
+
+An evaluation is ONE compiled call: a lax.scan over its batches of eval.tasks
+episodes, accuracies kept sharded on the task axis and gathered once at the
+end. The earlier evaluator dispatched one jitted call per batch, each ending in
+an all-gather of its accuracies; those calls do not depend on one another, so
+XLA ran many of them at once, and their collectives met in different orders on
+different devices: XLA:CPU's in-process rendezvous timed out after 40 s (one
+process, 4 devices, 150 batches) and gloo waited forever (2 processes, 400
+episodes and more). One call has one collective, in one order, everywhere.
 """
 
 import functools
@@ -33,10 +44,15 @@ def summarize(per_episode: np.ndarray) -> dict:
 
 
 def episode_keys(config: ml_collections.ConfigDict):
-  """(sample key, predict key) of evaluation: episode i is drawn from fold_in(sample key, i) and the
-  batch of episodes starting at s is predicted with fold_in(predict key, s), so every method,
-  checkpoint, batch size, device count and framework (compare.py) sees the same episodes."""
+  """(sample key, predict key) of evaluation: episode i is drawn from fold_in(sample key, i) and
+  predicted with fold_in(predict key, i) (indexed_keys), so every method, checkpoint, batch size,
+  device count and framework (compare.py) sees the same episodes and the same prediction noise."""
   return tuple(jax.random.split(jax.random.key(config.eval.seed)))
+
+
+def indexed_keys(key, start, tasks: int):
+  """[tasks] keys fold_in(key, i) for episodes i = start .. start + tasks - 1 (traceable)."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(tasks))
 
 
 def protocol_sampling(config: ml_collections.ConfigDict, protocol: str) -> dict:
@@ -50,8 +66,7 @@ def protocol_sampling(config: ml_collections.ConfigDict, protocol: str) -> dict:
 
 def sample_batch(sample_key, dataset, start, tasks: int, **sampling):
   """Episodes start .. start + tasks - 1 of `dataset` (traceable; `sampling` as sample_tasks)."""
-  task_keys = jax.vmap(lambda i: jax.random.fold_in(sample_key, i))(start + jnp.arange(tasks))
-  return episodes.sample_tasks(task_keys, dataset, **sampling)
+  return episodes.sample_tasks(indexed_keys(sample_key, start, tasks), dataset, **sampling)
 
 
 class Evaluator:
@@ -92,25 +107,32 @@ class Evaluator:
       episode = sample_batch(sample_key, dataset, start, self.tasks, **sampling)
       return jax.lax.with_sharding_constraint(episode, batch_sharding)
 
-    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))  # readable by every process
-    def batch_accuracy(params, model_state, dataset, start):
-      episode = sample(dataset, start)
-      logits = method.modes(params, model_state, episode, jax.random.fold_in(predict_key, start))
-      return {m: jnp.mean(jnp.argmax(l, -1) == episode.query_labels, axis=-1) for m, l in logits.items()}
+    replicated = sharding.replicated(mesh)
 
-    self._batch_accuracy = batch_accuracy
-    self.sample = jax.jit(sample, out_shardings=sharding.replicated(mesh))
+    @functools.partial(jax.jit, out_shardings=replicated)  # gathered once, readable by every process
+    def accuracies(params, model_state, dataset):
+      starts = jnp.arange(0, self.num_episodes, self.tasks, dtype=jnp.int32)
+
+      def one_batch(carry, start):
+        episode = sample(dataset, start)
+        logits = method.modes(params, model_state, episode, indexed_keys(predict_key, start, self.tasks))
+        return carry, {m: jnp.mean(jnp.argmax(l, -1) == episode.query_labels, axis=-1) for m, l in logits.items()}
+
+      return jax.lax.scan(one_batch, None, starts)[1]  # {mode: [batches, tasks]}, task axis sharded
+
+    self._accuracies = accuracies
+    self.sample = jax.jit(sample, out_shardings=replicated)
 
   def episode_batches(self):
-    """(start, Episode batch of eval.tasks tasks) of every batch scored, as `per_episode` samples them."""
+    """(start, Episode batch of eval.tasks tasks) of every batch scored, as `per_episode` samples them
+    (one call each, waited for: for the PyTorch comparison, not for scoring)."""
     for start in range(0, self.num_episodes, self.tasks):
-      yield start, self.sample(self.dataset, start)
+      yield start, jax.block_until_ready(self.sample(self.dataset, start))
 
   def per_episode(self, params, model_state) -> dict:
-    """{mode: accuracy of each episode [num_episodes]}."""
-    accs = jax.device_get([self._batch_accuracy(params, model_state, self.dataset, start)
-                           for start in range(0, self.num_episodes, self.tasks)])
-    return {m: np.concatenate([a[m] for a in accs])[:self.num_episodes] for m in accs[0]}
+    """{mode: accuracy of each episode [num_episodes]}: one compiled call."""
+    accs = jax.device_get(self._accuracies(params, model_state, self.dataset))
+    return {m: np.asarray(a).reshape(-1)[:self.num_episodes] for m, a in accs.items()}
 
   def run(self, params, model_state) -> dict:
     """The default mode's summary, plus `modes`: {mode: summary} for every mode."""
@@ -173,7 +195,8 @@ def write_figures(method, state, config, evaluator: Evaluator, workdir: str) -> 
   def figure_data(params, model_state, dataset):
     episode = sample_batch(sample_key, dataset, 0, config.eval.tasks, ways=ways, shots=shots, queries=1,
                            augment=aug)
-    return method.figures.compute(params, model_state, episode, jax.random.key(config.eval.seed))
+    keys = jax.random.split(jax.random.key(config.eval.seed), config.eval.tasks)  # one per task
+    return method.figures.compute(params, model_state, episode, keys)
 
   data = jax.device_get(figure_data(state.params, state.model_state, evaluator.dataset))
   title = f"{config.method.name} step {int(state.step)}, {config.eval.split} episodes"

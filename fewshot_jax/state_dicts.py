@@ -49,7 +49,7 @@ class TorchBridge:
   logits(net, episode, extras, device) -> {mode: torch logits [T, Q, N]} on numpy
     Episode arrays (support, support_labels, query), for compare: the method's
     prediction modes computed by PyTorch.
-  jax_extras(params, state, episode, key) -> arrays the torch side takes from JAX (random
+  jax_extras(params, state, episode, keys) -> arrays the torch side takes from JAX (random
     choices both must share, e.g. sampled images), or None; traced.
   complete(variables, load_train_split) -> model state of a converted checkpoint (e.g. a
     gallery embedded from the train split), or None: {'batch_stats': ...} as converted.

@@ -159,7 +159,7 @@ def test_gallery_image_is_flipped_half_the_time_on_its_own_draw():
   support = np.asarray(ep.support)[:, :, None]
   flips, both = [], []
   for seed in range(8):
-    probe, gallery, _, _ = jax.device_get(deform(params, state, ep, jax.random.key(seed)))
+    probe, gallery, _, _ = jax.device_get(deform(params, state, ep, jax.random.split(jax.random.key(seed), 4)))
     close = lambda a, b: np.all(np.isclose(a, b, atol=1e-5), axis=(-3, -2, -1))
     plain = np.stack([close(gallery, g) for g in gal]).any(0)
     flipped = np.stack([close(gallery, g[:, ::-1]) for g in gal]).any(0)
@@ -171,7 +171,7 @@ def test_gallery_image_is_flipped_half_the_time_on_its_own_draw():
   assert abs(np.mean(flips) - 0.5) < 4 * np.sqrt(0.25 / n), np.mean(flips)
   assert abs(np.mean(both) - 0.25) < 4 * np.sqrt(0.1875 / n), np.mean(both)  # independent of the probe's
   method0 = _variant(ti, choose_num=1, augnum=4, gallery_flip=0.0)
-  _, gallery, _, _ = jax.device_get(jax.jit(method0.deform)(params, state, ep, jax.random.key(0)))
+  _, gallery, _, _ = jax.device_get(jax.jit(method0.deform)(params, state, ep, jax.random.split(jax.random.key(0), 4)))
   assert np.all(np.stack([np.all(np.isclose(gallery, g, atol=1e-5), axis=(-3, -2, -1)) for g in gal]).any(0))
 
 
@@ -273,7 +273,7 @@ def test_classification_loss_sees_real_and_deformed_supports():
   conv1_grad = lambda m: jax.jit(jax.value_and_grad(lambda p: m.loss(p, state, ep, key), has_aux=True))
   (_, (metrics, _)), grads = conv1_grad(method)(params)
   (_, (metrics_d, _)), grads_d = conv1_grad(method_d)(params)
-  _, _, _, deformed = jax.jit(method.deform)(params, state, ep, key)
+  _, _, _, deformed = jax.jit(method.deform)(params, state, ep, jax.random.split(key, 2))  # the loss's keys
   model = idemenet.embedding_model(config)
   e_vars = {"params": params["embedding"], "batch_stats": state["batch_stats"]["embedding"]}
   logits = jax.jit(lambda x: model.apply(e_vars, x, train=False)[1])

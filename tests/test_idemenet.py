@@ -154,10 +154,10 @@ def test_tasks_batched_give_the_per_task_results_of_single_task_calls():
   params, state = _variables(method, config)
   ep = _episode(config, tasks=3)
   predict = jax.jit(method.predict_all_modes)
-  together = predict(params, state, ep, jax.random.key(0))
+  together = predict(params, state, ep, jax.random.split(jax.random.key(0), 3))
   for t in range(3):
     one = jax.tree.map(lambda x, t=t: x[t:t + 1], ep)
-    alone = predict(params, state, one, jax.random.key(t + 7))
+    alone = predict(params, state, one, jax.random.split(jax.random.key(t + 7), 1))
     for mode in idemenet.EVAL_MODES:
       np.testing.assert_allclose(alone[mode][0], together[mode][t], rtol=2e-4, atol=2e-3)
   loss = jax.jit(lambda e: method.loss(params, state, e, jax.random.key(0))[0])
@@ -170,7 +170,7 @@ def test_deformed_images_are_the_patchwise_fusion_of_probe_and_candidate():
   method = methods.build(config)
   params, state = _variables(method, config)
   ep = _episode(config, tasks=2)
-  probe, gallery, weights, deformed = jax.jit(method.deform)(params, state, ep, jax.random.key(3))
+  probe, gallery, weights, deformed = jax.jit(method.deform)(params, state, ep, jax.random.split(jax.random.key(3), 2))
   t, s, a = 2, ep.support.shape[1], config.method.augnum
   assert probe.shape == gallery.shape == deformed.shape == (t, s, a, SIZE, SIZE, 3)
   assert weights.shape == (t, s, a, 9)

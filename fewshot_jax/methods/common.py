@@ -15,7 +15,9 @@ class Method:
   init(key, episode) -> variables {'params': ..., 'batch_stats': ...}
   loss(params, state, episode, key) -> (loss, (metrics, new_state)); state is
     the non-trainable collections (BatchNorm statistics), updated in training.
-  predict(params, state, episode, key) -> logits [T, N*Q, N].
+  predict(params, state, episode, keys) -> logits [T, N*Q, N]; keys [T]: one PRNG key per task (the
+    evaluator's fold_in(predict key, episode index)), so that a task's prediction noise does not
+    depend on the batch, device or process it is predicted in.
   optimizer(config) -> optax transformation, or None for the trainer's default
     (a method whose optimiser ignores train.* lists those keys as UNUSED_TRAIN_KEYS in its
     module, so that setting one is an error rather than silently ignored);
@@ -27,7 +29,7 @@ class Method:
   setup(variables, train_dataset) -> variables: once, on a fresh (not resumed)
     run, after init: load pretrained weights, build a gallery.
   For evaluation and the PyTorch entry points (compare, export, convert):
-  predict_all_modes(params, state, episode, key) -> {mode: logits}, every
+  predict_all_modes(params, state, episode, keys) -> {mode: logits}, every
     prediction mode from one pass (None: the one mode 'default' = predict);
     eval_mode(config) -> the mode that selects checkpoints and heads eval_<split>.json (a
     function of the config the evaluation runs under: the method's own knob; None: 'default').
@@ -48,11 +50,11 @@ class Method:
   figures: "Figures | None" = None
   learning_rate: Callable[..., Any] | None = None
 
-  def modes(self, params, state, episode, key) -> dict:
-    """{mode: logits [T, N*Q, N]} for every prediction mode."""
+  def modes(self, params, state, episode, keys) -> dict:
+    """{mode: logits [T, N*Q, N]} for every prediction mode (keys: [T], one per task)."""
     if self.predict_all_modes is not None:
-      return self.predict_all_modes(params, state, episode, key)
-    return {"default": self.predict(params, state, episode, key)}
+      return self.predict_all_modes(params, state, episode, keys)
+    return {"default": self.predict(params, state, episode, keys)}
 
   def checkpoint_mode(self, config) -> str:
     """The prediction mode that selects checkpoints under `config`."""
@@ -61,7 +63,7 @@ class Method:
 
 @dataclasses.dataclass(frozen=True)
 class Figures:
-  """Figures an evaluation writes: `compute(params, state, episode, key)` runs on the device (jitted
+  """Figures an evaluation writes: `compute(params, state, episode, keys)` runs on the device (jitted
   by the evaluator on its first eval.tasks episodes, one query per class), `write(data, workdir,
   split, title)` on the host of every process (drawing on process 0 only) and returns the entries it
   adds to the evaluation result (e.g. {'figure': path})."""

@@ -334,15 +334,15 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
     gallery_flip = jax.random.bernoulli(jax.random.fold_in(key, 2), mc.gallery_flip, (s, augnum))
     return probe, gallery_idx, gallery_flip
 
-  def deform(params, state, episode, key, real_support_feats=None):
-    """(probe, gallery, weights, deformed): [T, S, A, ...] each; weights [T, S, A, G*G]."""
+  def deform(params, state, episode, keys, real_support_feats=None):
+    """(probe, gallery, weights, deformed): [T, S, A, ...] each; weights [T, S, A, G*G]. keys: [T], one
+    per task, so a task's gallery picks and flips do not depend on the batch it is in."""
     t, s = episode.support.shape[:2]
     ways = episode.classes.shape[1]
     gallery = state["gallery"]
     if real_support_feats is None:
       flat = episode.support.reshape((t * s,) + episode.support.shape[2:])
       real_support_feats = e_apply(params["embedding"], state, flat)[0].reshape(t, s, -1)
-    keys = jax.random.split(key, t)
     probe, gallery_idx, gallery_flip = jax.vmap(
         lambda k, x, y, f: task_deform_inputs(k, x, y, f, ways, gallery))(
             keys, episode.support, episode.support_labels, real_support_feats)
@@ -354,14 +354,14 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
     wmap = deform_lib.weight_map(weights, size, grid)  # [T, S, A, H, W, 1]
     return probe, gallery_images, weights, deform_lib.fuse(probe, gallery_images, wmap)
 
-  def forward(params, state, episode, key, with_cls: bool):
+  def forward(params, state, episode, keys, with_cls: bool):
     """Per-mode logits [T, Q, N] and, when with_cls, the classification loss."""
     t, s = episode.support.shape[:2]
     ways = episode.classes.shape[1]
     frozen_e = jax.lax.stop_gradient(params["embedding"])
     images, split = common.flatten_images(episode)
     support_feats, query_feats = split(e_apply(frozen_e, state, images)[0])
-    _, _, _, deformed = deform(params, state, episode, key, support_feats)
+    _, _, _, deformed = deform(params, state, episode, keys, support_feats)
     if mc.fix_deformation:
       deformed = jax.lax.stop_gradient(deformed)
     flat_deformed = deformed.reshape((t * s * augnum, size, size, 3))
@@ -388,7 +388,8 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
     return out, cls
 
   def loss(params, state, episode, key):
-    out, cls = forward(params, state, episode, key, with_cls=not mc.fix_embedding)
+    keys = jax.random.split(key, episode.support.shape[0])
+    out, cls = forward(params, state, episode, keys, with_cls=not mc.fix_embedding)
     proto, metrics = common.classification_metrics(out["deformed"], episode.query_labels)
     metrics["plain_accuracy"] = jnp.mean(jnp.argmax(out["plain"], -1) == episode.query_labels)
     total = proto
@@ -398,14 +399,14 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
     metrics["scale"] = params["scale"]
     return total, (metrics, state)  # BatchNorm frozen: the state is returned unchanged
 
-  def predict_all_modes(params, state, episode, key):
-    return forward(params, state, episode, key, with_cls=False)[0]
+  def predict_all_modes(params, state, episode, keys):
+    return forward(params, state, episode, keys, with_cls=False)[0]
 
-  def predict(params, state, episode, key):
-    return predict_all_modes(params, state, episode, key)[mc.eval_mode]
+  def predict(params, state, episode, keys):
+    return predict_all_modes(params, state, episode, keys)[mc.eval_mode]
 
-  def figure_data(params, state, episode, key):
-    return deform(params, state, episode, key)
+  def figure_data(params, state, episode, keys):
+    return deform(params, state, episode, keys)
 
   def write_figure(data, workdir, split, title, rows: int = 12):
     """PNG of (probe, gallery, patch weights, deformed) of the first supports, and the mean patch

@@ -138,13 +138,13 @@ def bridge(config: ml_collections.ConfigDict, shapes=None) -> state_dicts.TorchB
   model = idemenet.embedding_model(config)
   method = idemenet.build(config)
 
-  def jax_extras(params, state, episode, key):
+  def jax_extras(params, state, episode, keys):
     # The support features exactly as forward() computes them (one pass over supports and
     # queries), so deform() picks the same gallery candidates as the JAX logits used.
     images, split = common.flatten_images(episode)
     e_vars = {"params": params["embedding"], "batch_stats": state["batch_stats"]["embedding"]}
     support_feats, _ = split(model.apply(e_vars, images, train=False)[0])
-    probe, gallery, _, _ = method.deform(params, state, episode, key, support_feats)
+    probe, gallery, _, _ = method.deform(params, state, episode, keys, support_feats)
     return probe, gallery
 
   def logits(net, ep, extras, device, chunk):

@@ -11,9 +11,11 @@ the task's supports and queries with those weights, and a matching classifier
 (softmax over the supports of cosine similarities, weighted one-hot labels)
 gives log p(class | query). Loss: mean cross-entropy on those log-probabilities.
 
-Prediction (`method.eval_mode`): 'single' (one noise draw from the key),
-'mean' (noise = 0, z = mu, deterministic), 'ensemble' (`method.ensemble_draws`
-draws, majority vote of their argmax predictions). `predict_all_modes` returns
+Prediction (`method.eval_mode`): 'single' (one noise draw from the task's
+key), 'mean' (noise = 0, z = mu, deterministic), 'ensemble'
+(`method.ensemble_draws` draws, majority vote of their argmax predictions).
+Each task's noise comes from its own key, so a task is predicted alike in any
+batch. `predict_all_modes` returns
 all three from one run of the extractor and context encoder.
 """
 
@@ -68,12 +70,18 @@ def vote(log_probs):
 
 
 def draw_noise(key, mode: str, shape, ensemble_draws: int):
-  """Noise [D, T, L, Z] of an evaluation mode: zeros for 'mean', one draw for 'single', the
-  ensemble's draws (the first equal to 'single''s) for 'ensemble'; shape = noise_shape(T)."""
+  """Noise [D, *shape] of an evaluation mode: zeros for 'mean', one draw for 'single', the
+  ensemble's draws (the first equal to 'single''s) for 'ensemble'."""
   if mode == "mean":
     return jnp.zeros((1,) + tuple(shape), jnp.float32)
   n = 1 if mode == "single" else ensemble_draws
   return jax.random.normal(key, (n,) + tuple(shape), jnp.float32)
+
+
+def task_noise(keys, mode: str, task_shape, ensemble_draws: int):
+  """Noise [T, D, L, Z] of an evaluation mode, task t's drawn from keys[t] ([T] keys; task_shape
+  = (L, Z)): a task's noise does not depend on the batch it is predicted in."""
+  return jax.vmap(lambda k: draw_noise(k, mode, task_shape, ensemble_draws))(keys)
 
 
 BACKBONES = ("lgm_extractor",)  # model.backbone: the MetaNet's extractor, built here
@@ -189,20 +197,20 @@ def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
     one = lambda n: head(params, support, query, context, episode.support_labels, ways, n)
     return jax.vmap(one)(noise)
 
-  def draws(key, mode, tasks):
-    return draw_noise(key, mode, noise_shape(tasks), mc.ensemble_draws)
+  def draws(keys, mode):
+    """[D, T, L, Z], as eval_log_probs takes it."""
+    return jnp.swapaxes(task_noise(keys, mode, noise_shape(1)[1:], mc.ensemble_draws), 0, 1)
 
   def scores(mode, log_p):
     return vote(log_p) if mode == "ensemble" else log_p[0]
 
-  def predict(params, state, episode, key):
+  def predict(params, state, episode, keys):
     mode = mc.eval_mode
-    log_p = eval_log_probs(params, state, episode, draws(key, mode, episode.support.shape[0]))
+    log_p = eval_log_probs(params, state, episode, draws(keys, mode))
     return scores(mode, log_p)
 
-  def predict_all_modes(params, state, episode, key):
-    t = episode.support.shape[0]
-    noise = jnp.concatenate([draws(key, m, t) for m in EVAL_MODES])
+  def predict_all_modes(params, state, episode, keys):
+    noise = jnp.concatenate([draws(keys, m) for m in EVAL_MODES])
     log_p = eval_log_probs(params, state, episode, noise)
     out, start = {}, 0
     for m in EVAL_MODES:

@@ -8,7 +8,6 @@ very same generated networks; PyTorch computes everything else (extractor,
 context encoder, weight generator, TargetNet, matching, majority vote).
 """
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import torch
@@ -40,12 +39,10 @@ def bridge(config: ml_collections.ConfigDict, shapes) -> state_dicts.TorchBridge
                                 what="LGM-Net")
     return net.float().eval()
 
-  def jax_extras(params, state, episode, key):
-    """The noise of every mode as predict_all_modes draws it from `key`, task-major [T, D, L, Z]."""
-    del params, state
-    t = episode.support.shape[0]
-    return {m: jnp.swapaxes(lgmnet.draw_noise(key, m, method.noise_shape(t), draws), 0, 1)
-            for m in lgmnet.EVAL_MODES}
+  def jax_extras(params, state, episode, keys):
+    """The noise of every mode as predict_all_modes draws it from the tasks' `keys`, task-major [T, D, L, Z]."""
+    del params, state, episode
+    return {m: lgmnet.task_noise(keys, m, method.noise_shape(1)[1:], draws) for m in lgmnet.EVAL_MODES}
 
   def logits(net, ep, noise, device, chunk):
     del chunk
