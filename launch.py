@@ -129,6 +129,9 @@ flags.DEFINE_integer("num_processes", None, "With --distributed: how many proces
 flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0 .. num_processes - 1.")
 flags.DEFINE_list("local_device_ids", None, "With --distributed: the local devices this process uses "
                   "(e.g. 0 for one GPU per process); default all visible.")
+flags.DEFINE_float("stuck_timeout", 600.0, "With several processes: a phase (a training call, validation, "
+                   "evaluation, a checkpoint) that has not completed after this many seconds ends every process "
+                   "with one line (a peer stuck in a collective); 0: never. Raise it for phases that take longer.")
 FLAGS = flags.FLAGS
 
 
@@ -158,11 +161,8 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {' '.join(argv[1:])!r}: launch.py takes only flags (--name=value); see --help")
-  from fewshot_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from fewshot_jax import train  # pylint: disable=g-import-not-at-top
   from fewshot_jax.errors import FewshotError  # pylint: disable=g-import-not-at-top
   from fewshot_jax import multihost  # pylint: disable=g-import-not-at-top
-  from fewshot_jax import preemption  # pylint: disable=g-import-not-at-top
   cluster = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.local_device_ids)
   if not FLAGS.distributed and any(v is not None for v in cluster):
     _fail("--coordinator_address, --num_processes, --process_id and --local_device_ids need --distributed")
@@ -185,6 +185,20 @@ def main(argv):
     config.method  # pylint: disable=pointless-statement; a missing config file is reported here
   except OSError as e:
     _fail(f"cannot load --config: {_one_line(e)}; methods: {sorted(os.listdir(os.path.join(_HERE, 'configs')))}")
+  if not FLAGS.stuck_timeout >= 0:
+    _fail(f"--stuck_timeout={FLAGS.stuck_timeout} must be >= 0 seconds (0: never)")
+  from fewshot_jax import watchdog  # pylint: disable=g-import-not-at-top
+  with watchdog.watching(watchdog.Settings(stuck_timeout=FLAGS.stuck_timeout)) as watch:
+    _run_mode(config, watch)
+
+
+def _run_mode(config, watch):
+  """The --mode's work; every error a user can cause is one line, exit 2."""
+  from fewshot_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from fewshot_jax import train  # pylint: disable=g-import-not-at-top
+  from fewshot_jax.errors import FewshotError  # pylint: disable=g-import-not-at-top
+  from fewshot_jax import multihost  # pylint: disable=g-import-not-at-top
+  from fewshot_jax import preemption  # pylint: disable=g-import-not-at-top
   try:
     if FLAGS.mode == "convert":
       if not FLAGS.torch_checkpoint:
@@ -199,12 +213,13 @@ def main(argv):
       print(json.dumps(convert.export_checkpoint(config, FLAGS.workdir, FLAGS.torch_checkpoint)))
     if FLAGS.mode == "compare":
       from fewshot_jax import compare  # pylint: disable=g-import-not-at-top
-      result = compare.compare_checkpoint(config, FLAGS.workdir)
+      with watch.phase("the comparison"):
+        result = compare.compare_checkpoint(config, FLAGS.workdir)
       print(compare.format_table(result))
     if FLAGS.mode in ("train", "train_eval"):
-      train.train_and_evaluate(config, FLAGS.workdir)
+      train.train_and_evaluate(config, FLAGS.workdir, watch=watch)
     if FLAGS.mode in ("eval", "train_eval"):
-      result = evaluate.evaluate_checkpoint(config, FLAGS.workdir)
+      result = evaluate.evaluate_checkpoint(config, FLAGS.workdir, watch=watch)
       if multihost.is_main():
         print(json.dumps(result))
   except FewshotError as e:

@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 
 from fewshot_jax import checkpoint
-from fewshot_jax import config as config_lib
 from fewshot_jax import evaluate
 from fewshot_jax import methods
 from fewshot_jax import restore
@@ -128,13 +127,11 @@ def compare_checkpoint(config: ml_collections.ConfigDict, workdir: str, episodes
   `precision` (e.g. 'highest') runs the JAX side under jax.default_matmul_precision; None
   keeps --mode=eval's numbers.
   """
-  config_lib.validate(config)
+  config, mesh = sharding.setup(config)
   methods.torch_bridge(config, restore.variable_shapes(config), "compare")  # before any work
   num = config.eval.episodes if episodes is None else episodes
   if not isinstance(num, int) or isinstance(num, bool) or num < 1:
     raise ConfigError(f"the number of episodes to compare must be a positive integer, not {num!r}")
-  mesh = sharding.make_mesh()
-  config = config_lib.fit_to_devices(config, mesh.size)
   method, state = restore.load_for_eval(config, workdir, mesh, config.eval.checkpoint)
   split = config.eval.split
   # The Evaluator loads the split, checks that the episodes fit it and samples them.

@@ -17,7 +17,6 @@ import shutil
 import jax
 
 from fewshot_jax import checkpoint
-from fewshot_jax import config as config_lib
 from fewshot_jax import files
 from fewshot_jax import methods
 from fewshot_jax import restore
@@ -38,7 +37,7 @@ def convert_to_workdir(config, torch_checkpoint: str, workdir: str, overwrite: b
   variables (a gallery embedded from the train split), completes its state.
   'best' carries val_accuracy 0: the converted model has not been validated here.
   """
-  config_lib.validate(config)
+  config, mesh = sharding.setup(config)
   method = methods.build(config)
   fresh = restore.abstract_state(method, config)  # shapes only: nothing is initialised or compiled
   bridge = methods.torch_bridge(config, {"params": fresh.params, **fresh.model_state}, "convert")
@@ -49,7 +48,6 @@ def convert_to_workdir(config, torch_checkpoint: str, workdir: str, overwrite: b
     raise ConfigError(f"workdir {workdir} already holds checkpoints ({', '.join(held)}); converting into it "
                       "would leave one model described and another stored: use an empty --workdir, or "
                       "pass --overwrite to replace them")
-  mesh = sharding.make_mesh()
   tx = state_lib.optimizer_for(method, config)
   variables = bridge.from_torch(state_dict, source=torch_checkpoint)
   if bridge.complete is not None:
@@ -93,13 +91,13 @@ def export_checkpoint(config, workdir: str, path: str) -> dict:
   authors' key layout (the module the bridge's to_torch builds), which --mode=convert turns back
   into the same variables. Written through a temporary file and a rename: a crash never leaves a
   partial file at `path`."""
-  config_lib.validate(config)
+  config, mesh = sharding.setup(config)
   bridge = methods.torch_bridge(config, restore.variable_shapes(config), "export")
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):  # before the checkpoint is read
     raise ConfigError(f"cannot write --torch_checkpoint={path!r}: {directory} is not a directory")
   torch = state_dicts.torch_module()
-  method, state = restore.load_for_eval(config, workdir, sharding.make_mesh(), config.eval.checkpoint)
+  method, state = restore.load_for_eval(config, workdir, mesh, config.eval.checkpoint)
   state_dict = bridge.to_torch(state.params, state.model_state).state_dict()
   with files.atomic_path(path) as tmp:
     torch.save(state_dict, tmp)

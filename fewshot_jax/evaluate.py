@@ -30,6 +30,7 @@ from fewshot_jax import config as config_lib
 from fewshot_jax import multihost
 from fewshot_jax import restore
 from fewshot_jax import sharding
+from fewshot_jax import watchdog
 from fewshot_jax.data import augment as augment_lib
 from fewshot_jax.data import episodes
 from fewshot_jax.data import input_pipeline
@@ -143,27 +144,26 @@ class Evaluator:
             "modes": modes}
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, watch=None) -> dict:
   """Scores the best (or latest) checkpoint on eval.split under eval.protocol.
 
   Adds the result to <workdir>/eval_<split>.json under `result_key` (protocol,
   task, queries, checkpoint), so evaluations of other tasks or protocols
   accumulate beside it. The standard protocol scores eval.episodes episodes,
-  the reference protocol eval.reference_tasks tasks.
+  the reference protocol eval.reference_tasks tasks. `watch` (watchdog.Watchdog) bounds the scoring.
   """
-  config_lib.validate(config)
-  mesh = sharding.make_mesh()
-  config = config_lib.fit_to_devices(config, mesh.size)
+  config, mesh = sharding.setup(config)
   method, state = restore.load_for_eval(config, workdir, mesh, config.eval.checkpoint)
   protocol = config.eval.protocol
   num = config.eval.reference_tasks if protocol == "reference" else config.eval.episodes
   evaluator = Evaluator(method, config, mesh, config.eval.split, num)
-  result = {"method": config.method.name, "dataset": config.data.name, "split": config.eval.split,
-            "ways": config.episode.ways, "shots": config.episode.shots,
-            **evaluator.run(state.params, state.model_state), "step": int(state.step),
-            "checkpoint": config.eval.checkpoint}
-  if method.figures is not None:
-    result.update(write_figures(method, state, config, evaluator, workdir))
+  with (watch or watchdog.NoWatchdog()).phase(f"the {config.eval.split} evaluation"):
+    result = {"method": config.method.name, "dataset": config.data.name, "split": config.eval.split,
+              "ways": config.episode.ways, "shots": config.episode.shots,
+              **evaluator.run(state.params, state.model_state), "step": int(state.step),
+              "checkpoint": config.eval.checkpoint}
+    if method.figures is not None:
+      result.update(write_figures(method, state, config, evaluator, workdir))
   if not multihost.is_main():
     return result
   path = os.path.join(workdir, f"eval_{config.eval.split}.json")

@@ -28,8 +28,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     missing = [f"--{k}" for k, v in given.items() if v is None]
     raise ConfigError(f"--coordinator_address, --num_processes and --process_id go together; missing "
                       f"{', '.join(missing)} (or give none, inside a cluster JAX detects)")
+  if num_processes is not None and num_processes < 1:
+    raise ConfigError(f"--num_processes={num_processes} must be a positive integer")
   if num_processes is not None and not 0 <= process_id < num_processes:
     raise ConfigError(f"--process_id={process_id} must lie in [0, --num_processes={num_processes})")
+  if coordinator_address is not None:
+    check_address(coordinator_address)
+  if local_device_ids and any(i < 0 for i in local_device_ids):
+    raise ConfigError(f"--local_device_ids={','.join(map(str, local_device_ids))} must be device numbers >= 0")
   host = (coordinator_address or "").rsplit(":", 1)[0].strip("[]")
   # A loopback coordinator (N processes on one machine) listens on loopback only, not on every interface.
   bind = coordinator_address if host in ("localhost", "::1") or host.startswith("127.") else None
@@ -41,6 +47,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     raise ConfigError(f"--distributed could not join the cluster: {text[:300]}; outside Slurm, Open MPI, "
                       "Kubernetes or Cloud TPU pass --coordinator_address=HOST:PORT --num_processes=N "
                       "--process_id=I") from None
+
+
+def check_address(address: str) -> None:
+  """HOST:PORT (or [IPv6]:PORT) with a port in 1..65535, else one ConfigError: JAX hands a malformed
+  address to its C++ client, which crashes the interpreter (a segfault for '127.0.0.1:notaport')."""
+  host, sep, port = address.rpartition(":")
+  bracketed = host.startswith("[") and host.endswith("]")
+  ok = (sep and host and port.isdigit() and 1 <= int(port) <= 65535 and
+        (bracketed or (":" not in host and not any(c.isspace() or c in "/[]" for c in host))))
+  if not ok:
+    raise ConfigError(f"--coordinator_address={address!r} is not HOST:PORT with a port in 1..65535 "
+                      "(e.g. 127.0.0.1:12345, node0:12345 or [::1]:12345)")
 
 
 def is_main() -> bool:

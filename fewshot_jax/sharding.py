@@ -12,6 +12,15 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(devices, ("data",))
 
 
+def setup(config):
+  """(config, mesh) every entry point starts from: the config validated, a mesh over all devices of
+  all processes, and episode.tasks / eval.tasks rounded up to multiples of its size."""
+  from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top  # (config imports no jax)
+  config_lib.validate(config)
+  mesh = make_mesh()
+  return config_lib.fit_to_devices(config, mesh.size), mesh
+
+
 def replicated(mesh):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 

@@ -18,11 +18,12 @@ processes; SIGTERM / Ctrl-C stop every process after the same step, with a
 checkpoint (preemption.py).
 """
 
+import dataclasses
 import functools
 import json
 import os
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import jax
@@ -39,6 +40,7 @@ from fewshot_jax import multihost
 from fewshot_jax import preemption
 from fewshot_jax import sharding
 from fewshot_jax import state as state_lib
+from fewshot_jax import watchdog
 from fewshot_jax.data import augment as augment_lib
 from fewshot_jax.data import episodes
 from fewshot_jax.data import input_pipeline
@@ -154,22 +156,22 @@ class MetricWriter:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       hooks: Sequence[Callable[[int, state_lib.TrainState], None]] = ()) -> state_lib.TrainState:
+                       hooks: Sequence[Callable[[int, state_lib.TrainState], None]] = (),
+                       watch=None) -> state_lib.TrainState:
   """Trains (resuming from workdir if a checkpoint exists) with periodic validation.
 
   The workdir is locked for the run (files.WorkdirLock). `hooks(step, state)`
   run after every host call; a hook may raise to stop the run (a preemption in
   tests). SIGTERM / SIGINT checkpoint and raise preemption.Stopped; a
-  non-finite loss raises TrainingDiverged (train.nonfinite='stop').
+  non-finite loss raises TrainingDiverged (train.nonfinite='stop'). `watch`
+  (watchdog.Watchdog, launch.py's) bounds every phase and is told the last checkpoint.
   """
-  config_lib.validate(config)
-  mesh = sharding.make_mesh()
-  config = config_lib.fit_to_devices(config, mesh.size)
+  config, mesh = sharding.setup(config)
   lock = files.WorkdirLock(workdir)
   existed = os.path.isdir(workdir)
   multihost.run_on_main(lambda: _claim(workdir, lock), "locking the workdir")
   try:
-    return _train(config, workdir, hooks, mesh)
+    return _train(config, workdir, hooks, mesh, watch or watchdog.NoWatchdog())
   finally:
     lock.release()
     if not existed and multihost.is_main() and os.path.isdir(workdir) and not os.listdir(workdir):
@@ -228,7 +230,58 @@ def _resume(ckpt: checkpoint.Checkpoints, fresh, config, replicated):
   return None
 
 
-def _train(config, workdir, hooks, mesh) -> state_lib.TrainState:
+@dataclasses.dataclass
+class _Run:
+  """What the phases of one training run share; `state` and `step` advance."""
+
+  config: ml_collections.ConfigDict
+  method: Any
+  ckpt: checkpoint.Checkpoints
+  meta: dict
+  train_data: Any
+  validator: evaluate.Evaluator
+  train_fn: Callable
+  train_key: Any
+  schedule: Callable
+  writer: "MetricWriter"
+  watch: Any
+  images_per_episode: int
+  state: state_lib.TrainState
+  step: int = 0
+
+
+def _train(config, workdir, hooks, mesh, watch) -> state_lib.TrainState:
+  run = _start(config, workdir, mesh, watch)
+  tc = config.train
+  try:
+    with preemption.StopRequests() as stops:
+      watch.saving = True  # a first signal is the trainer's: checkpoint at the next step boundary
+      t0, done = time.time(), 0
+      for length in call_lengths(run.step, tc.steps, tc.steps_per_call,
+                                 (tc.log_every, tc.eval_every, tc.checkpoint_every)):
+        metrics = _run_call(run, length)
+        done += length
+        if run.step % tc.log_every == 0 or run.step == tc.steps:
+          _log(run, metrics, done, time.time() - t0)
+          t0, done = time.time(), 0
+        if run.step % tc.eval_every == 0 or run.step == tc.steps:
+          _save(run, best=_validate(run))
+          t0, done = time.time(), 0  # validation time is not training throughput
+        elif run.step % tc.checkpoint_every == 0:
+          _save(run)
+        for hook in hooks:
+          hook(run.step, run.state)
+        _stop_if_asked(run, stops)
+  finally:  # whatever ends the run, a checkpoint being written is completed first
+    watch.saving = False
+    run.ckpt.wait()
+    run.ckpt.close()
+    run.writer.close()
+  return run.state
+
+
+def _start(config, workdir, mesh, watch) -> _Run:
+  """Start or resume: the method, the data, the initial (or resumed, or set-up) state."""
   method = methods.build(config)
   tx = state_lib.optimizer_for(method, config)
   ways = config_lib.train_ways(config)
@@ -242,13 +295,11 @@ def _train(config, workdir, hooks, mesh) -> state_lib.TrainState:
                                 config.data.train_split, (ways_key, "episode.shots", "episode.queries"))
   validator = evaluate.Evaluator(method, config, mesh, config.data.val_split, config.eval.val_episodes)
 
-  root_key = jax.random.key(config.train.seed)
-  init_key, train_key = jax.random.split(root_key)
+  init_key, train_key = jax.random.split(jax.random.key(config.train.seed))
   replicated = sharding.replicated(mesh)
   state = jax.jit(functools.partial(state_lib.init_state, method, tx), out_shardings=replicated)(
       init_key, example)
   ckpt = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints, cleanup=True)
-  meta = checkpoint.checkpoint_meta(config)
   try:
     resumed = _resume(ckpt, state, config, replicated)
     multihost.run_on_main(lambda: _record_config(config, workdir, resumed is not None), "recording the config")
@@ -258,80 +309,92 @@ def _train(config, workdir, hooks, mesh) -> state_lib.TrainState:
   if resumed is not None:
     state = resumed
     logging.info("Resumed from %s at step %d", ckpt.latest.directory, int(state.step))
+    watch.checkpoint = _checkpoint_text(ckpt, int(state.step))
   elif method.setup is not None:
     variables = method.setup({"params": state.params, **state.model_state}, train_data)
     params = variables.pop("params")
     state = jax.device_put(state.replace(params=params, model_state=variables, opt_state=tx.init(params)),
                            replicated)
-
-  train_fn = make_train_fn(method, tx, config, mesh)
   schedule = (state_lib.learning_rate_schedule(config.train) if method.learning_rate is None
               else method.learning_rate(config))
-  writer = MetricWriter(workdir)
-  tc = config.train
-  start = int(state.step)
-  step, t0, done_since_t0 = start, time.time(), 0
-  images_per_episode = state_lib.images_per_task(example, config.episode.tasks)
+  return _Run(config=config, method=method, ckpt=ckpt, meta=checkpoint.checkpoint_meta(config),
+              train_data=train_data, validator=validator, train_fn=make_train_fn(method, tx, config, mesh),
+              train_key=train_key, schedule=schedule, writer=MetricWriter(workdir), watch=watch,
+              images_per_episode=state_lib.images_per_task(example, config.episode.tasks), state=state,
+              step=int(state.step))
 
-  def save_latest():
-    if ckpt.latest.latest_step() != step:
-      _check_replicas(state)
-      ckpt.save(ckpt.latest, state, meta)
 
-  try:
-    with preemption.StopRequests() as stops:
-      for length in call_lengths(start, tc.steps, tc.steps_per_call,
-                                 (tc.log_every, tc.eval_every, tc.checkpoint_every)):
-        state, metrics = train_fn(state, train_data, train_key, length)
-        step += length
-        done_since_t0 += length
-        metrics = jax.device_get(metrics)
-        if metrics["nonfinite"] > 0 and tc.nonfinite == "stop":
-          good = ckpt.latest.latest_step()
-          own = method.learning_rate is not None  # the method's optimiser reads its own keys, not train.lr
-          raise TrainingDiverged(
-              f"the loss or a gradient became non-finite between steps {step - length} and {step} "
-              f"({f'learning rate {float(schedule(step - length)):.2e}' if own else f'train.lr={tc.lr}'}); " +
-              (f"the last good checkpoint is step {good} in {ckpt.latest.directory}"
-               if good is not None else "no checkpoint was written yet") +
-              f"; lower {'the learning rates under method.' if own else 'train.lr'}, or set "
-              "train.nonfinite='skip' to skip such steps")
-        if step % tc.log_every == 0 or step == tc.steps:
-          elapsed = time.time() - t0
-          eps = done_since_t0 * config.episode.tasks / elapsed
-          eta = (tc.steps - step) * config.episode.tasks / eps
-          extra = "".join(f" {k} {float(v):.4f}" for k, v in metrics.items() if k not in ("loss", "accuracy"))
-          logging.info("step %d/%d loss %.4f accuracy %.4f%s lr %.2e | %.1f episodes/s %.0f images/s | ETA %s",
-                       step, tc.steps, metrics["loss"], metrics["accuracy"], extra, schedule(step), eps,
-                       eps * images_per_episode, _hms(eta))
-          writer.scalars(step, {f"train/{k}": v for k, v in metrics.items()} |
-                         {"train/lr": schedule(step), "train/episodes_per_s": eps})
-          t0, done_since_t0 = time.time(), 0
-        if step % tc.eval_every == 0 or step == tc.steps:
-          result = validator.run(state.params, state.model_state)
-          others = ", ".join(f"{m} {r['accuracy']:.2f}" for m, r in result["modes"].items() if m != result["mode"])
-          logging.info("step %d validation accuracy %.2f%% +- %.2f (%d %s episodes of %s, %s mode)%s", step,
-                       result["accuracy"], result["ci95"], result["episodes"], result["protocol"],
-                       config.data.val_split, result["mode"], f"; {others}" if others else "")
-          writer.scalars(step, {"val/accuracy": result["accuracy"]} |
-                         {f"val/accuracy_{m}": r["accuracy"] for m, r in result["modes"].items()})
-          save_latest()
-          ckpt.save(ckpt.best, state, meta, metrics={"val_accuracy": result["accuracy"]})
-          ckpt.wait()
-          t0, done_since_t0 = time.time(), 0  # validation time is not training throughput
-        elif step % tc.checkpoint_every == 0:
-          save_latest()
-        for hook in hooks:
-          hook(step, state)
-        signum = stops.agreed()
-        if signum and step < tc.steps:
-          save_latest()
-          raise preemption.Stopped(signum, step, str(ckpt.latest.directory))
-  finally:  # whatever ends the run, a checkpoint being written is completed first
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-  return state
+def _run_call(run: _Run, length: int) -> dict:
+  """One host call of `length` steps; its mean metrics. A non-finite loss stops the run (or is skipped)."""
+  tc = run.config.train
+  with run.watch.phase(f"training steps {run.step + 1}-{run.step + length}"):
+    run.state, metrics = run.train_fn(run.state, run.train_data, run.train_key, length)
+    metrics = jax.device_get(metrics)
+  run.step += length
+  if metrics["nonfinite"] > 0 and tc.nonfinite == "stop":
+    good = run.ckpt.latest.latest_step()
+    own = run.method.learning_rate is not None  # the method's optimiser reads its own keys, not train.lr
+    first = run.step - length
+    raise TrainingDiverged(
+        f"the loss or a gradient became non-finite between steps {first} and {run.step} "
+        f"({f'learning rate {float(run.schedule(first)):.2e}' if own else f'train.lr={tc.lr}'}); " +
+        (f"the last good checkpoint is step {good} in {run.ckpt.latest.directory}"
+         if good is not None else "no checkpoint was written yet") +
+        f"; lower {'the learning rates under method.' if own else 'train.lr'}, or set "
+        "train.nonfinite='skip' to skip such steps")
+  return metrics
+
+
+def _log(run: _Run, metrics: dict, steps_done: int, elapsed: float) -> None:
+  """One INFO line and TensorBoard scalars: loss, accuracy, lr, episodes/s, images/s, ETA."""
+  tc, tasks = run.config.train, run.config.episode.tasks
+  eps = steps_done * tasks / elapsed
+  eta = (tc.steps - run.step) * tasks / eps
+  extra = "".join(f" {k} {float(v):.4f}" for k, v in metrics.items() if k not in ("loss", "accuracy"))
+  logging.info("step %d/%d loss %.4f accuracy %.4f%s lr %.2e | %.1f episodes/s %.0f images/s | ETA %s",
+               run.step, tc.steps, metrics["loss"], metrics["accuracy"], extra, run.schedule(run.step), eps,
+               eps * run.images_per_episode, _hms(eta))
+  run.writer.scalars(run.step, {f"train/{k}": v for k, v in metrics.items()} |
+                     {"train/lr": run.schedule(run.step), "train/episodes_per_s": eps})
+
+
+def _validate(run: _Run) -> float:
+  """Validation accuracy of the current state (the checkpoint-selecting mode), logged."""
+  with run.watch.phase(f"validation at step {run.step}"):
+    result = run.validator.run(run.state.params, run.state.model_state)
+  others = ", ".join(f"{m} {r['accuracy']:.2f}" for m, r in result["modes"].items() if m != result["mode"])
+  logging.info("step %d validation accuracy %.2f%% +- %.2f (%d %s episodes of %s, %s mode)%s", run.step,
+               result["accuracy"], result["ci95"], result["episodes"], result["protocol"],
+               run.config.data.val_split, result["mode"], f"; {others}" if others else "")
+  run.writer.scalars(run.step, {"val/accuracy": result["accuracy"]} |
+                     {f"val/accuracy_{m}": r["accuracy"] for m, r in result["modes"].items()})
+  return result["accuracy"]
+
+
+def _save(run: _Run, best: float | None = None) -> None:
+  """The latest checkpoint (unless this step has one) and, after a validation, the best-by-validation
+  one, waited for then."""
+  with run.watch.phase(f"checkpoint at step {run.step}"):
+    if run.ckpt.latest.latest_step() != run.step:
+      _check_replicas(run.state)
+      run.ckpt.save(run.ckpt.latest, run.state, run.meta)
+    if best is not None:
+      run.ckpt.save(run.ckpt.best, run.state, run.meta, metrics={"val_accuracy": best})
+      run.ckpt.wait()
+  run.watch.checkpoint = _checkpoint_text(run.ckpt, run.step)
+
+
+def _stop_if_asked(run: _Run, stops: preemption.StopRequests) -> None:
+  """After a SIGTERM / SIGINT on any process: every process checkpoints this step, then stops."""
+  with run.watch.phase(f"agreeing whether to stop after step {run.step}"):
+    signum = stops.agreed()
+  if signum and run.step < run.config.train.steps:
+    _save(run)
+    raise preemption.Stopped(signum, run.step, str(run.ckpt.latest.directory))
+
+
+def _checkpoint_text(ckpt: checkpoint.Checkpoints, step: int) -> str:
+  return f"the last checkpoint is step {step} in {ckpt.latest.directory}"
 
 
 def _check_replicas(state) -> None:
