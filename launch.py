@@ -1,7 +1,7 @@
 """fewshot_jax launcher: `python launch.py --config=configs/<method>.py:<preset> --workdir=DIR --mode=...`.
 
 With no flags it runs the main job on the embedded default, configs/default.py
-(a method on the procedural `synthetic` dataset: no files needed), train then evaluate.
+(a method on a generated dataset: no files needed), train then evaluate.
 """
 
 import json
@@ -20,7 +20,7 @@ from fewshot_jax import xla_setup
 xla_setup.set_cpu_defaults()  # before anything creates a JAX backend
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py") + ":synthetic"
+_DEFAULT_CONFIG = os.path.join(_HERE, "configs", "default.py")  # its get_config's default preset
 
 
 
@@ -67,7 +67,7 @@ def _valid_keys(key: str, argv) -> str:
   from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   try:
     path, _, preset = _config_arg(argv).partition(":")
-    node = config_lib.load_file(path, preset) if preset else config_lib.load_file(path, "synthetic")
+    node = config_lib.load_file(path, preset) if preset else config_lib.load_module(path).get_config()
     prefix = []
     for part in key.split(".")[:-1]:  # down to the first part that does not exist
       if part not in node:

@@ -23,24 +23,25 @@ device from the 84x84 copy); pass --config.data.input_size=84 for fast runs.
 """
 
 from fewshot_jax import config as base
+from fewshot_jax.data import common, registry
 
 PRESETS = ("pretrain", "mini-5w1s", "mini-5w5s", "tiered-pretrain", "tiered-5w1s", "tiered-5w5s",
            "cub-pretrain", "cub-5w1s", "cub-5w5s")
-# tieredImageNet and CUB (84x84 copies, upsampled to 224 as miniImageNet): the same
-# recipe with their base-class count; stage 1 uses every image of a CUB class.
-_DATASETS = {"mini": ("mini_imagenet", 64, 500), "tiered": ("tiered_imagenet", 351, 500), "cub": ("cub", 100, 1000)}
-_IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0.485, 0.456, 0.406 in 0..255 units
-_IMAGENET_STD = (58.395, 57.12, 57.375)  # 0.229, 0.224, 0.225
+# tieredImageNet and CUB (84x84 copies, upsampled to 224 as miniImageNet): the same recipe with
+# their base-class count (the record's); stage 1 uses the first 500 images of a class, every
+# image of a CUB class.
+_PRETRAIN_IMAGES = {"cub": 1000}
 
 
 def get_config(preset: str = "mini-5w1s"):
   preset = base.check_preset(preset, PRESETS)
   c = base.base_config()
-  dataset, num_classes, images_per_class = _DATASETS[preset.split("-")[0] if "-" in preset else "mini"]
-  base.apply_dataset(c, dataset)
-  if dataset == "tiered_imagenet":
-    c.data.placement = "sharded"
-  c.data.update(mean=_IMAGENET_MEAN, std=_IMAGENET_STD, input_size=224)
+  prefix = preset.split("-")[0] if "-" in preset else "mini"
+  dataset = registry.by_preset(prefix)
+  num_classes, images_per_class = dataset.base_classes, _PRETRAIN_IMAGES.get(prefix, 500)
+  base.apply_dataset(c, dataset.name)
+  # The reference's ImageNet statistics, whatever the dataset.
+  c.data.update(mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD, input_size=224)
   c.model.backbone = "resnet18"
   c.eval.update(queries=15, episodes=600, val_episodes=200, tasks=4)
   if preset.endswith("pretrain"):

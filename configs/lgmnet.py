@@ -15,14 +15,11 @@ class, 4 tasks per meta-batch, cosine temperature 10 (see below).
 """
 
 from fewshot_jax import config as base
+from fewshot_jax.data import registry
 
 PRESETS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s",
            "mini-5w1s", "mini-5w5s", "cifarfs-5w1s", "cifarfs-5w5s", "fc100-5w1s", "fc100-5w5s",
            "fc100-20w1s", "fc100-20w5s", "tiered-5w1s", "tiered-5w5s", "cub-5w1s", "cub-5w5s", "synthetic")
-# CIFAR-FS, FC100 (the four tasks of the PyTorch port), tieredImageNet and CUB train
-# with the miniImageNet recipe and their own RGB mean / std (config.DATASET_TABLE).
-_RGB_DATASETS = {"mini": "mini_imagenet", "cifarfs": "cifar_fs", "fc100": "fc100", "tiered": "tiered_imagenet",
-                 "cub": "cub"}
 
 
 def get_config(preset: str = "synthetic"):
@@ -53,18 +50,17 @@ def get_config(preset: str = "synthetic"):
       ensemble_draws=10)
   c.train.update(optimizer="adam", lr=1e-3, schedule="step", decay_every=1500,
                  decay_factor=1 / 1.11111, min_lr=1e-6)
+  dataset, _, task = preset.partition("-")
+  base.apply_dataset(c, registry.by_preset(dataset).name)
   if preset == "synthetic":
-    base.apply_dataset(c, "synthetic")
     c.episode.update(ways=5, shots=1, queries=1, tasks=4)
     c.train.update(steps=300, eval_every=150, log_every=50, steps_per_call=25, decay_every=200)
     c.eval.update(episodes=600, val_episodes=200)
     return c
-  dataset, task = preset.split("-")
   ways, shots = (int(v) for v in task.rstrip("s").split("w"))
   c.episode.update(ways=ways, shots=shots, queries=1, tasks=32)
   c.train.update(steps=120000, eval_every=1000, log_every=200)
-  if dataset == "omniglot":
-    base.apply_dataset(c, "omniglot", "vinyals")
+  if dataset == "omniglot":  # the default (vinyals) split
     # CPU-sized: 20-way training tasks with 5 queries per class, 4 tasks per
     # meta-batch (about 400 ms/step on the 2-core CPU); the same model is evaluated
     # at 5 or 20 ways (the context encoder averages over supports, so the
@@ -80,11 +76,10 @@ def get_config(preset: str = "synthetic"):
     c.train.update(steps=6000 if shots == 1 else 3500, eval_every=500, log_every=100)
     c.eval.update(val_episodes=300)
   else:
-    base.apply_dataset(c, _RGB_DATASETS[dataset])
+    # CIFAR-FS, FC100 (the four tasks of the PyTorch port), tieredImageNet and CUB train with the
+    # miniImageNet recipe and their records' RGB mean / std; miniImageNet with the reference's scalar.
     if dataset == "mini":
       c.data.update(mean=(113.77,), std=(70.19,))
-    if dataset == "tiered":
-      c.data.placement = "sharded"  # the ~9.5 GB train split: 1/D per device (README)
     c.episode.query_sampling = "per_task"  # queries=1: one query per task, as the reference
     c.augment.update(class_rotations=(-45.0, -11.25, 0.0, 11.25, 45.0), rotation_order=3,
                      rotation_mode="nearest")

@@ -1,4 +1,4 @@
-"""Config defaults shared by every method, dataset presets and validation.
+"""Config defaults shared by every method, data.* from a dataset's record (data/registry.py), validation.
 
 configs/<method>.py builds on `base_config()` and `apply_dataset()`; every
 number lives in the config, none in method files. Keys every method has (so
@@ -15,46 +15,20 @@ import os
 
 import ml_collections
 
+from fewshot_jax.data import registry
 from fewshot_jax.errors import ConfigError
 
-# Pixel mean / std (0..255 units) adopted for the new RGB datasets, pending statistics
-# computed from a real copy's train split (data/sources.channel_stats):
-# CIFAR-100 train (0.5071, 0.4865, 0.4409) / (0.2673, 0.2564, 0.2762) x 255 (CIFAR-FS and
-# FC100 train on subsets of it); ImageNet (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) x 255,
-# the convention for tieredImageNet and CUB.
-CIFAR100_MEAN, CIFAR100_STD = (129.31, 124.06, 112.43), (68.16, 65.38, 70.43)
-IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
-# The one table of datasets: split schemes (the first is the default), the folder under
-# $FEWSHOT_DATA_DIR holding our copy (None: generated), image channels, the stored size
-# and (where adopted here) the normalisation statistics apply_dataset sets.
-DATASET_TABLE = {
-    "omniglot": dict(schemes=("vinyals", "lake"), manual_subdir="omniglot", channels=1, image_size=28),
-    "mini_imagenet": dict(schemes=("ravi",), manual_subdir="miniimagenet", channels=3, image_size=84),
-    "synthetic": dict(schemes=("default",), manual_subdir=None, channels=1, image_size=28),
-    "cifar_fs": dict(schemes=("default",), manual_subdir="cifar100", channels=3, image_size=32,
-                 mean=CIFAR100_MEAN, std=CIFAR100_STD),
-    "fc100": dict(schemes=("default",), manual_subdir="cifar100", channels=3, image_size=32,
-              mean=CIFAR100_MEAN, std=CIFAR100_STD),
-    "tiered_imagenet": dict(schemes=("ren",), manual_subdir="tieredimagenet", channels=3, image_size=84,
-                        mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    "cub": dict(schemes=("chen",), manual_subdir="cub", channels=3, image_size=84,
-            mean=IMAGENET_MEAN, std=IMAGENET_STD),
-}
-DATASETS = tuple(DATASET_TABLE)
-SCHEMES = {name: row["schemes"] for name, row in DATASET_TABLE.items()}
-CHANNELS = {name: row["channels"] for name, row in DATASET_TABLE.items()}
 # Evaluation protocols (evaluate.py): 'standard' = eval.episodes episodes with
 # eval.queries queries per class, no augmentation; 'reference' = as the weight
 # generators' TF code: eval.reference_tasks tasks of ONE query each, training augmentation on.
 PROTOCOLS = ("standard", "reference")
-_MANUAL_SUBDIR = {name: row["manual_subdir"] for name, row in DATASET_TABLE.items()}
 
 
 def default_manual_dir(name: str) -> str | None:
-  """$FEWSHOT_DATA_DIR/<dataset> when set (our shipped copies), else None (TFDS download)."""
+  """$FEWSHOT_DATA_DIR/<the record's folder> when set (our shipped copies), else None (TFDS download)."""
   root = os.environ.get("FEWSHOT_DATA_DIR")
-  sub = _MANUAL_SUBDIR.get(name)
-  return os.path.join(root, sub) if root and sub else None
+  folder = registry.get(name).folder
+  return os.path.join(root, folder) if root and folder else None
 
 
 def default_data_dir() -> str:
@@ -70,11 +44,13 @@ def base_config() -> ml_collections.ConfigDict:
   # memory, more FLOPs: benchmarks/steps.py); parameter names are the same either way.
   c.model = ml_collections.ConfigDict(dict(backbone="conv4", features=64, dtype="float32", conv_impl="auto",
                                            remat=False))
-  # data.mean/std are per-channel tuples (length 1 broadcasts): ConfigDict keeps a
-  # field's type, so a float default could not take miniImageNet's RGB statistics.
+  # data.* starts on registry.DEFAULT. data.mean/std are per-channel tuples (length 1
+  # broadcasts): ConfigDict keeps a field's type, so a float default could not take RGB statistics.
+  dataset = registry.DEFAULT
   c.data = ml_collections.ConfigDict(dict(
-      name="synthetic", split="default", manual_dir=ml_collections.FieldReference(None, field_type=str),
-      data_dir=default_data_dir(), image_size=28, input_size=0, mean=(0.0,), std=(255.0,),
+      name=dataset.name, split=dataset.schemes[0], manual_dir=ml_collections.FieldReference(None, field_type=str),
+      data_dir=default_data_dir(), image_size=dataset.image_size, input_size=0, mean=dataset.mean,
+      std=dataset.std,
       train_split="train", val_split="val",
       # Fraction of the image kept around its centre before resizing to the input
       # size (augment.resize): 0.875 is Resize 256 + CenterCrop 224; 1 the whole image.
@@ -90,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment = ml_collections.ConfigDict(dict(flip_prob=0.0, class_rotations=(), rotation_order=3,
                                              rotation_mode="nearest"))
   # episode.* is the task trained on and evaluated; train_ways (0 = ways) trains
-  # on higher-way episodes, as Snell et al. do on Omniglot. query_sampling
+  # on higher-way episodes, as Snell et al. do on ink characters. query_sampling
   # 'per_class': `queries` queries of every class; 'per_task': `queries` per task,
   # each of a class drawn uniformly (the weight generators' TF code trains on one per task).
   # disjoint_queries=False draws queries independently of the supports (a query may
@@ -114,17 +90,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_dataset(c: ml_collections.ConfigDict, name: str, scheme: str | None = None) -> None:
-  """Sets data.* for a dataset (manual dir from $FEWSHOT_DATA_DIR, pixel statistics)."""
-  if name not in DATASETS:
-    raise ConfigError(f"dataset {name!r} is unknown; valid: {list(DATASETS)}")
+  """Sets data.* from a dataset's record: its default scheme, the manual dir from $FEWSHOT_DATA_DIR,
+  stored size, pixel statistics and placement."""
+  dataset = registry.get(name)
   c.data.name = name
-  c.data.split = scheme or SCHEMES[name][0]
+  c.data.split = scheme or dataset.schemes[0]
   c.data.manual_dir = default_manual_dir(name)
-  c.data.image_size = DATASET_TABLE[name]["image_size"]
-  if CHANNELS[name] == 1:
-    c.data.mean, c.data.std = (0.0,), (255.0,)
-  if "mean" in DATASET_TABLE[name]:
-    c.data.mean, c.data.std = DATASET_TABLE[name]["mean"], DATASET_TABLE[name]["std"]
+  c.data.image_size = dataset.image_size
+  c.data.mean, c.data.std = dataset.mean, dataset.std
+  c.data.placement = dataset.placement
 
 
 def fill_missing(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -152,11 +126,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   from fewshot_jax import methods  # pylint: disable=g-import-not-at-top  # (imports no config)
   from fewshot_jax.data.episodes import PLACEMENTS, QUERY_SAMPLING  # pylint: disable=g-import-not-at-top
   from fewshot_jax.models import backbones, layers  # pylint: disable=g-import-not-at-top
-  if c.data.name not in DATASETS:
-    raise ConfigError(f"data.name={c.data.name!r} is unknown; valid: {list(DATASETS)}")
-  if c.data.split not in SCHEMES[c.data.name]:
-    raise ConfigError(f"data.split={c.data.split!r} is not a split of {c.data.name}; "
-                      f"valid: {list(SCHEMES[c.data.name])}")
+  if c.data.name not in registry.NAMES:
+    raise ConfigError(f"data.name={c.data.name!r} is unknown; valid: {list(registry.NAMES)}")
+  schemes = registry.get(c.data.name).schemes
+  if c.data.split not in schemes:
+    raise ConfigError(f"data.split={c.data.split!r} is not a split of {c.data.name}; valid: {list(schemes)}")
   positive = {"episode.ways": c.episode.ways, "episode.shots": c.episode.shots,
               "episode.queries": c.episode.queries, "episode.tasks": c.episode.tasks,
               "train.steps": c.train.steps, "train.eval_every": c.train.eval_every,

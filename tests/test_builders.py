@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fewshot_jax.data import mini_imagenet, omniglot, synthetic
+from fewshot_jax.data import mini_imagenet, omniglot, registry, synthetic
 from fewshot_jax.data.builders import make_builder, prepare
 from fewshot_jax.errors import ConfigError, DataError
 
@@ -80,6 +80,7 @@ def mini(tfds_dir):
 def test_vinyals_class_counts_and_disjoint_labels(vinyals):
   builder, data = vinyals
   expected = {'train': 4112, 'val': 688, 'test': 1692}
+  assert registry.get('omniglot').base_classes == expected['train']
   label_sets = {}
   for split, num_classes in expected.items():
     images, labels = data[split]
@@ -253,6 +254,7 @@ def test_incomplete_omniglot_manual_dir(tmp_path):
 def test_mini_imagenet_real(mini):
   source = mini.as_data_source()
   expected = {'train': range(0, 64), 'val': range(64, 80), 'test': range(80, 100)}
+  assert registry.get('mini_imagenet').base_classes == len(expected['train'])
   for split, label_range in expected.items():
     _, labels = load_split(source[split], with_images=False)
     counts = class_counts(labels)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fewshot_jax import config as config_lib
-from fewshot_jax.data import cifar, sources, tiered_imagenet
+from fewshot_jax.data import cifar, registry, sources, tiered_imagenet
 from fewshot_jax.data.builders import make_builder, prepare
 from fewshot_jax.errors import DataError
 from tests import format_fixtures as ff
@@ -27,8 +27,8 @@ EXPECTED = {'cifar_fs': (64, 16, 20), 'fc100': (60, 20, 20), 'tiered_imagenet': 
 
 
 def _builder(name, data_dir, manual):
-  row = config_lib.DATASET_TABLE[name]
-  return make_builder(name, scheme=row['schemes'][0], image_size=row['image_size'], data_dir=data_dir,
+  record = registry.get(name)
+  return make_builder(name, scheme=record.schemes[0], image_size=record.image_size, data_dir=data_dir,
                       manual_dir=manual)
 
 
@@ -44,6 +44,7 @@ def _read(builder):
 def _check_splits(name, data, size):
   """Class counts per split equal the packaged lists, labels are global and disjoint."""
   seen, offset = set(), 0
+  assert registry.get(name).base_classes == EXPECTED[name][0]
   for split, expected in zip(sources.SPLITS, EXPECTED[name]):
     images, labels = data[split]
     assert len(sources.class_list(name, split)) == expected
@@ -206,7 +207,7 @@ NEW_PRESETS = [(m, p) for m in ('protonet', 'matchingnet', 'lgmnet')
 def test_new_presets_validate(method, preset):
   c = config_lib.validate(load_config(method, preset))
   dataset = {'cifarfs': 'cifar_fs', 'fc100': 'fc100', 'tiered': 'tiered_imagenet', 'cub': 'cub'}[preset.split('-')[0]]
-  assert c.data.name == dataset and c.data.mean == config_lib.DATASET_TABLE[dataset]['mean']
+  assert c.data.name == dataset and c.data.mean == registry.get(dataset).mean
   assert c.data.placement == ('sharded' if dataset == 'tiered_imagenet' else 'replicated')
 
 

@@ -1,10 +1,12 @@
 """The repo's promises about itself: CI runs the README's test command; every preset is valid."""
 
+import json
 import re
 
 import pytest
 
 from fewshot_jax import config as config_lib
+from fewshot_jax.data import registry
 from fewshot_jax.errors import ConfigError
 from tests.conftest import REPO, load_config
 
@@ -64,6 +66,66 @@ def test_no_method_is_named_outside_its_own_files():
           for i, line in enumerate(p.read_text().splitlines(), 1)
           if _METHOD_NAMES.search(line) or "getattr(method" in line]
   assert not hits, "\n".join(hits)
+
+
+_DATASET_NAMES = re.compile(r"omniglot|mini_?imagenet|synthetic|cifar[-_]?fs|fc100|tiered_?imagenet|\bcub\b",
+                            re.IGNORECASE)
+
+
+def test_no_dataset_is_named_outside_data():
+  """Configs, builders and methods learn what a dataset is from its Dataset record (data/registry.py): no
+  dataset name outside data/, configs/, tests/, benchmarks/ and the docs (setup.cfg's line listing
+  data/'s package files is data/'s own)."""
+  package = REPO / "fewshot_jax"
+  files = [REPO / name for name in ("launch.py", "setup.cfg", "pyproject.toml", ".ci/run")] + [
+      p for p in sorted(package.rglob("*"))
+      if p.is_file() and p.suffix in (".py", ".txt", ".csv", ".md") and p.relative_to(package).parts[0] != "data"]
+  hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in files
+          for i, line in enumerate(p.read_text().splitlines(), 1)
+          if _DATASET_NAMES.search(line) and not line.startswith("fewshot_jax.data =")]
+  assert not hits, "\n".join(hits)
+
+
+def test_dataset_records_are_whole(tmp_path):
+  """Every registered record: a unique name and preset prefix, statistics per channel, and a builder that
+  stores images of the record's size and channels."""
+  records = registry.DATASETS
+  assert len({d.name for d in records}) == len({d.preset for d in records}) == len(records)
+  for d in records:
+    assert d.schemes and len(d.mean) == len(d.std) == d.channels and 0 < d.base_classes
+    builder = d.make_builder(scheme=d.schemes[0], image_size=d.image_size, data_dir=tmp_path)
+    assert builder.info.features["image"].shape == (d.image_size, d.image_size, d.channels), d.name
+
+
+def _preset_data() -> dict:
+  """{'file:preset': data.* but data_dir, with method.num_classes where set} of every preset of every config
+  file, $FEWSHOT_DATA_DIR being /data (the caller sets it)."""
+  out = {}
+  for path in sorted((REPO / "configs").glob("*.py")):
+    for preset in config_lib.load_module(str(path)).PRESETS:
+      c = json.loads(config_lib.load_file(str(path), preset).to_json())
+      out[f"{path.name}:{preset}"] = {f"data.{k}": v for k, v in c["data"].items() if k != "data_dir"}
+      if "num_classes" in c["method"]:
+        out[f"{path.name}:{preset}"]["method.num_classes"] = c["method"]["num_classes"]
+  return out
+
+
+def test_every_preset_keeps_its_data(monkeypatch):
+  """tests/preset_data.json, written before the datasets became records, holds each preset's data.* (and
+  base-class count): the records give every preset the same. A deliberate change to one rewrites the
+  file from _preset_data(); presets added since are not in it."""
+  monkeypatch.setenv("FEWSHOT_DATA_DIR", "/data")
+  expected = json.loads((REPO / "tests" / "preset_data.json").read_text())
+  got = _preset_data()
+  changed = [(k, got.get(k), v) for k, v in expected.items() if got.get(k) != v]
+  assert not changed, changed
+
+
+def test_data_imports_no_config():
+  """The layering: config reads data/'s registry, never the other way."""
+  hits = [p.name for p in sorted((REPO / "fewshot_jax" / "data").glob("*.py"))
+          if _imports(p, {"fewshot_jax.config"})]
+  assert not hits, hits
 
 
 def _imports(path, modules):

@@ -15,39 +15,19 @@ import zipfile
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from fewshot_jax.config import DATASET_TABLE, DATASETS
-from fewshot_jax.data import cifar, cub, mini_imagenet, omniglot, synthetic, tiered_imagenet
-from fewshot_jax.errors import ConfigError, DataError, FewshotError
-
-# Datasets of one scheme and one stored size: the builder class (built with manual_dir).
-_FIXED = {'mini_imagenet': mini_imagenet.FewshotMiniImagenet, 'cifar_fs': cifar.FewshotCifarFS,
-          'fc100': cifar.FewshotFC100, 'tiered_imagenet': tiered_imagenet.FewshotTieredImagenet,
-          'cub': cub.FewshotCub}
+from fewshot_jax.data import registry
+from fewshot_jax.errors import DataError, FewshotError
 
 
 def make_builder(name: str, *, scheme: str, image_size: int, data_dir,
                  manual_dir=None) -> tfds.core.DatasetBuilder:
-  """Validated builder; nothing is read or written until `prepare`.
+  """Validated builder of a registered dataset; nothing is read or written until `prepare`.
 
-  manual_dir holds the raw files (see each dataset module); synthetic ignores it.
-  Datasets: omniglot, mini_imagenet, synthetic, cifar_fs and fc100 (cifar.py),
-  tiered_imagenet, cub.
+  manual_dir holds the raw files (the record's raw_files; each dataset module says more);
+  a generated dataset ignores it.
   """
-  if name == 'omniglot':
-    config = omniglot.omniglot_config(scheme, image_size)
-    return omniglot.FewshotOmniglot(config=config, data_dir=data_dir, manual_dir=manual_dir)
-  if name in _FIXED or name == 'synthetic':
-    _check(name, 'scheme', scheme, DATASET_TABLE[name]['schemes'])
-    _check(name, 'image_size', image_size, (DATASET_TABLE[name]['image_size'],))
-    if name == 'synthetic':
-      return synthetic.FewshotSynthetic(config=synthetic.synthetic_config(), data_dir=data_dir)
-    return _FIXED[name](data_dir=data_dir, manual_dir=manual_dir)
-  raise ConfigError(f'unknown dataset {name!r}; valid datasets: {", ".join(DATASETS)}')
-
-
-def _check(dataset: str, field: str, value, valid: tuple) -> None:
-  if isinstance(value, bool) or value not in valid:
-    raise ConfigError(f'{dataset} {field} {value!r} is invalid; valid: {", ".join(map(str, valid))}')
+  return registry.get(name).make_builder(scheme=scheme, image_size=image_size, data_dir=data_dir,
+                                         manual_dir=manual_dir)
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from fewshot_jax.data import omniglot, sources
+from fewshot_jax.data import common, omniglot, sources
 from fewshot_jax.errors import DataError
 
 URL = 'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz'
@@ -34,6 +34,9 @@ FILES = ('train', 'test', 'meta')
 IMAGE_SIZE = 32
 IMAGES_PER_CLASS = 600
 SPLIT_CLASSES = {'cifar_fs': (64, 16, 20), 'fc100': (60, 20, 20)}
+# CIFAR-100's train statistics (0.5071, 0.4865, 0.4409) / (0.2673, 0.2564, 0.2762) x 255, adopted for
+# both splits (their train splits are subsets of it) pending a real copy's own (sources.channel_stats).
+MEAN, STD = (129.31, 124.06, 112.43), (68.16, 65.38, 70.43)
 
 
 def _normalise(obj):
@@ -188,3 +191,15 @@ class FewshotFC100(_FewshotCifar, skip_registration=True):
   name = 'fewshot_fc100'
   DATASET = 'fc100'
   DESCRIPTION = 'FC100: CIFAR-100 split by superclass (Oreshkin et al. 2018).'
+
+
+def _record(builder_class, preset: str) -> common.Dataset:
+  return common.Dataset(
+      name=builder_class.DATASET, schemes=('default',), folder='cifar100',
+      raw_files=builder_class.MANUAL_DOWNLOAD_INSTRUCTIONS, image_size=IMAGE_SIZE, channels=3, mean=MEAN,
+      std=STD, preset=preset, base_classes=SPLIT_CLASSES[builder_class.DATASET][0],
+      builder=common.fixed_builder(builder_class))
+
+
+CIFAR_FS = _record(FewshotCifarFS, 'cifarfs')
+FC100 = _record(FewshotFC100, 'fc100')

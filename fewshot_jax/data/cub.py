@@ -23,7 +23,7 @@ import tarfile
 import tensorflow_datasets as tfds
 from etils import epath
 
-from fewshot_jax.data import mini_imagenet, sources
+from fewshot_jax.data import common, mini_imagenet, sources
 from fewshot_jax.errors import DataError
 
 IMAGE_SIZE = 84
@@ -166,3 +166,9 @@ class FewshotCub(sources.ImageBuilder, skip_registration=True):
     if seen != len(rows):
       raise DataError(f'CUB archive {archive} holds {seen} of the {len(rows)} images images.txt lists for '
                       'this split (truncated archive?)')
+
+
+DATASET = common.Dataset(
+    name='cub', schemes=('chen',), folder='cub', raw_files=FewshotCub.MANUAL_DOWNLOAD_INSTRUCTIONS,
+    image_size=IMAGE_SIZE, channels=3, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD, preset='cub',
+    base_classes=SPLIT_CLASSES['train'], builder=common.fixed_builder(FewshotCub))

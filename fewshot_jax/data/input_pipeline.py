@@ -7,12 +7,12 @@ import time
 from absl import logging
 import ml_collections
 
-from fewshot_jax import config as config_lib
 from fewshot_jax import files
 from fewshot_jax import multihost
 from fewshot_jax.data import augment
 from fewshot_jax.data import builders
 from fewshot_jax.data import episodes
+from fewshot_jax.data import registry
 
 
 
@@ -74,4 +74,4 @@ def load(config: ml_collections.ConfigDict, split: str, mesh=None) -> episodes.D
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """Shape of one image as the model sees it (after on-device resizing)."""
   size = augment.input_size(config)
-  return (size, size, config_lib.CHANNELS[config.data.name])
+  return (size, size, registry.get(config.data.name).channels)

@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from fewshot_jax.data import sources
+from fewshot_jax.data import common, sources
 from fewshot_jax.errors import DataError
 
 SPLITS = ('train', 'val', 'test')
@@ -188,3 +188,11 @@ def _ordered_map(fn: Callable, items: list, window: int = 256) -> Iterator:
       yield pending.popleft().result()
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
+
+
+DATASET = common.Dataset(
+    name='mini_imagenet', schemes=('ravi',), folder='miniimagenet',
+    raw_files=FewshotMiniImagenet.MANUAL_DOWNLOAD_INSTRUCTIONS, image_size=IMAGE_SIZE, channels=3,
+    # The per-channel statistics of the train split commonly used with this copy.
+    mean=(120.39, 115.59, 104.54), std=(70.68, 68.42, 72.50), preset='mini', base_classes=64,
+    builder=common.fixed_builder(FewshotMiniImagenet))

@@ -40,6 +40,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from fewshot_jax.data import common
 from fewshot_jax.errors import ConfigError, DataError
 
 SCHEMES = ('vinyals', 'lake')
@@ -380,3 +381,15 @@ class FewshotOmniglot(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       rotated = np.ascontiguousarray(np.rot90(cached, spec.rotation // 90, axes=(1, 2)))
       for drawer, image in enumerate(rotated[..., None]):
         yield label * NUM_DRAWERS + drawer, {'image': image, 'label': label}
+
+
+def _builder(*, scheme, image_size, data_dir, manual_dir):
+  return FewshotOmniglot(config=omniglot_config(scheme, image_size), data_dir=data_dir, manual_dir=manual_dir)
+
+
+DATASET = common.Dataset(
+    name='omniglot', schemes=SCHEMES, folder='omniglot',
+    raw_files=FewshotOmniglot.MANUAL_DOWNLOAD_INSTRUCTIONS + ' Without them the official zips are downloaded.',
+    image_size=28, channels=1, mean=common.GREY_MEAN, std=common.GREY_STD, preset='omniglot',
+    base_classes=4112,  # splits/vinyals/train.txt
+    builder=_builder, resizable=True)

@@ -23,6 +23,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageDraw
 
+from fewshot_jax.data import common
+
 SPLIT_CLASSES = {'train': 200, 'val': 50, 'test': 100}
 IMAGES_PER_CLASS = 20
 IMAGE_SIZE = 28
@@ -139,3 +141,14 @@ class FewshotSynthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for label in labels:
       for i, image in enumerate(class_images(seed, label)):
         yield label * IMAGES_PER_CLASS + i, {'image': image[:, :, None], 'label': label}
+
+
+def _builder(*, scheme, image_size, data_dir, manual_dir):
+  del scheme, image_size, manual_dir  # one scheme at one size (checked by Dataset.make_builder); no files
+  return FewshotSynthetic(config=synthetic_config(), data_dir=data_dir)
+
+
+DATASET = common.Dataset(
+    name='synthetic', schemes=('default',), folder=None, raw_files='', image_size=IMAGE_SIZE, channels=1,
+    mean=common.GREY_MEAN, std=common.GREY_STD, preset='synthetic', base_classes=SPLIT_CLASSES['train'],
+    builder=_builder)

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from fewshot_jax.data import mini_imagenet, sources
+from fewshot_jax.data import common, mini_imagenet, sources
 from fewshot_jax.errors import DataError
 
 IMAGE_SIZE = 84
@@ -174,3 +174,11 @@ class FewshotTieredImagenet(sources.ImageBuilder, skip_registration=True):
         return sources.decode_image(f.read(), f'image {item[0]}', IMAGE_SIZE)
     for i, ((_, row), image) in enumerate(zip(files, mini_imagenet._ordered_map(decode, files))):  # pylint: disable=protected-access
       yield i, {'image': image, 'label': offset + row}
+
+
+DATASET = common.Dataset(
+    name='tiered_imagenet', schemes=('ren',), folder='tieredimagenet',
+    raw_files=FewshotTieredImagenet.MANUAL_DOWNLOAD_INSTRUCTIONS, image_size=IMAGE_SIZE, channels=3,
+    mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD, preset='tiered', base_classes=SPLIT_CLASSES['train'],
+    builder=common.fixed_builder(FewshotTieredImagenet),
+    placement='sharded')  # the train split (~9.5 GB): 1/D of it on each of D devices

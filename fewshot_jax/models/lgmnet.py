@@ -1,7 +1,7 @@
 """LGM-Net modules (Li et al., ICML 2019): extractor, task context encoder,
 conditional weight generator, and the TargetNet that runs on generated weights.
 
-Shapes for miniImageNet (84x84): Extractor 84 -> 42 -> 21 -> 11 (11x11x64);
+Shapes for 84x84 images: Extractor 84 -> 42 -> 21 -> 11 (11x11x64);
 TaskContextEncoder 11 -> 6 -> 3 -> 64-d; TargetNet 11x11x64 -> 6x6x64 -> 2304-d.
 All max-pools are 2x2/2 with TF 'SAME' padding, as in the authors' TF code.
 Convolution kernels of the learned (non-generated) layers use glorot-uniform

@@ -1,0 +1,66 @@
+"""The Dataset record: all the library knows about a dataset, declared once by data/<name>.py
+(as methods/<name>.py declare Method records) and listed in data/registry.py."""
+
+import dataclasses
+from typing import Any, Callable
+
+from fewshot_jax.errors import ConfigError
+
+# Pixel statistics in 0..255 units. Ink datasets scale pixels to [0, 1]; photos derived from
+# ImageNet use ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) x 255 by convention.
+GREY_MEAN, GREY_STD = (0.0,), (255.0,)
+IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A few-shot dataset as configs, builders and methods see it.
+
+  name: data.name. schemes: its class splits (data.split); the first is the default.
+  folder: the folder under $FEWSHOT_DATA_DIR holding our copy (config's default data.manual_dir);
+    None for a generated dataset, which needs no files.
+  raw_files: what a manual_dir holds and where else the files come from ('' when generated).
+  image_size, channels: the stored images (data.image_size's default).
+  mean, std: per-channel pixel statistics (0..255 units) that data.mean / data.std start from.
+  preset: the prefix of the configs' presets on it (configs/<method>.py:<preset>-5w1s).
+  base_classes: classes of the default scheme's train split (the classifier head of a method that
+    pretrains on them).
+  builder(scheme=, image_size=, data_dir=, manual_dir=) -> its unprepared TFDS builder.
+  resizable: the builder stores any image_size it accepts (and checks it); otherwise only image_size.
+  placement: the data.placement configs start from ('sharded': a split larger than one device).
+  """
+
+  name: str
+  schemes: tuple[str, ...]
+  folder: str | None
+  raw_files: str
+  image_size: int
+  channels: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  preset: str
+  base_classes: int
+  builder: Callable[..., Any]
+  resizable: bool = False
+  placement: str = 'replicated'
+
+  def make_builder(self, *, scheme: str, image_size: int, data_dir, manual_dir=None):
+    """The builder of a split scheme at a stored size, both checked first; nothing is read or written
+    until builders.prepare."""
+    _check(self.name, 'scheme', scheme, self.schemes)
+    if not self.resizable:
+      _check(self.name, 'image_size', image_size, (self.image_size,))
+    return self.builder(scheme=scheme, image_size=image_size, data_dir=data_dir, manual_dir=manual_dir)
+
+
+def fixed_builder(builder_class) -> Callable[..., Any]:
+  """The factory of a builder class with one scheme at one size (Dataset.make_builder checks both)."""
+  def make(*, scheme, image_size, data_dir, manual_dir):
+    del scheme, image_size  # checked by Dataset.make_builder
+    return builder_class(data_dir=data_dir, manual_dir=manual_dir)
+  return make
+
+
+def _check(dataset: str, field: str, value, valid: tuple) -> None:
+  if isinstance(value, bool) or value not in valid:
+    raise ConfigError(f'{dataset} {field} {value!r} is invalid; valid: {", ".join(map(str, valid))}')
