@@ -194,6 +194,7 @@ def main(argv):
 
 def _run_mode(config, watch):
   """The --mode's work; every error a user can cause is one line, exit 2."""
+  import jax  # pylint: disable=g-import-not-at-top
   from fewshot_jax import evaluate  # pylint: disable=g-import-not-at-top
   from fewshot_jax import train  # pylint: disable=g-import-not-at-top
   from fewshot_jax.errors import FewshotError  # pylint: disable=g-import-not-at-top
@@ -234,6 +235,13 @@ def _run_mode(config, watch):
   except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint
     print("interrupted: stopped at once without a checkpoint; the latest one remains", file=sys.stderr)
     sys.exit(130)
+  except jax.errors.JaxRuntimeError as e:  # a collective failed: with several processes, a peer is gone
+    if jax.process_count() > 1:
+      from fewshot_jax import watchdog  # pylint: disable=g-import-not-at-top
+      text = " ".join(str(e).split())
+      watch.end_now(watchdog.EXIT_PEER_LOST, f"error: a collective failed ({text[:160]}): a peer process is "
+                    "gone or unreachable")
+    raise
 
 
 if __name__ == "__main__":

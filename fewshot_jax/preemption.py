@@ -10,12 +10,14 @@ process killed by that signal, so schedulers treat the job as preempted.
 
 import signal
 import threading
+import time
 
 from absl import logging
 
 from fewshot_jax import multihost
 
 _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+REPEAT_WINDOW = 1.0  # seconds: a signal this soon after the first is the same one, delivered twice
 
 
 class Stopped(Exception):
@@ -33,6 +35,7 @@ class StopRequests:
 
   def __init__(self):
     self._signum = 0
+    self._when = 0.0
     self._previous = {}
 
   def __enter__(self):
@@ -47,8 +50,11 @@ class StopRequests:
 
   def _handle(self, signum, frame):
     del frame
+    if self._signum and time.monotonic() - self._when < REPEAT_WINDOW:
+      return  # one signal delivered twice (to the process and to its group)
     if signum == signal.SIGINT and self._signum == signal.SIGINT:
       raise KeyboardInterrupt  # the second Ctrl-C: stop now
+    self._when = time.monotonic()
     self._signum = signum
     logging.warning("%s received: checkpointing at the next step boundary, then stopping%s", _NAMES[signum],
                     " (Ctrl-C again stops at once)" if signum == signal.SIGINT else "")

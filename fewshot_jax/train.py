@@ -306,6 +306,7 @@ def _start(config, workdir, mesh, watch) -> _Run:
   except BaseException:
     ckpt.close()
     raise
+  watch.checkpoint = "no checkpoint was written yet"
   if resumed is not None:
     state = resumed
     logging.info("Resumed from %s at step %d", ckpt.latest.directory, int(state.step))

@@ -40,6 +40,8 @@ import time
 
 import jax
 
+from fewshot_jax import preemption
+
 EXIT_STUCK = 124  # as `timeout` reports a command it ended
 EXIT_PEER_LOST = 75  # EX_TEMPFAIL: run the same command again
 _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
@@ -49,9 +51,10 @@ _HEARTBEAT_DIR = "fewshot_jax/alive/"
 @dataclasses.dataclass
 class Settings:
   stuck_timeout: float = 600.0  # seconds; 0: never (launch.py --stuck_timeout)
-  peer_timeout: float = 30.0  # seconds without a peer's heartbeat
+  peer_timeout: float = 40.0  # seconds without a peer's heartbeat
   heartbeat_every: float = 2.0
-  grace: float = 2.0  # after a signal, time for the main thread to act on it first
+  grace: float = 2.0  # after a second signal, time for the main thread to act on it first
+  repeat_window: float = preemption.REPEAT_WINDOW
 
 
 class Watchdog:
@@ -67,7 +70,7 @@ class Watchdog:
     self._last = "start-up"  # the current or last phase, for messages
     self._out = out or sys.stderr
     self._lock = threading.Lock()
-    self._signals: list[int] = []
+    self._signals: list[float] = []  # when each signal came
     self._read, self._write = socket.socketpair()
     self._previous_fd = None
     self._stop = threading.Event()
@@ -105,6 +108,14 @@ class Watchdog:
       with self._lock:
         self._phase, self._since = previous, time.monotonic()
 
+  def end_now(self, code: int, what: str) -> None:
+    """Ends the process at once with one line: `what` went wrong during the current or last phase
+    (e.g. a collective raised: a peer is gone). Skips JAX's shutdown barrier, which would wait for
+    the lost peer until JAX's heartbeat aborts the process with a C++ stack trace."""
+    with self._lock:
+      phase, last = self._phase, self._last
+    self._end(code, self._line(f"{what} {_during(phase or last, last)}", every=True))
+
   # The thread's side.
   def _end(self, code: int, message: str) -> None:
     print(message, file=self._out, flush=True)
@@ -136,10 +147,13 @@ class Watchdog:
       if beat is not None:
         lost = beat.check()
         if lost:
-          self._end(EXIT_PEER_LOST, self._line(f"error: {lost}, {_during(phase, last)}", every=True))
+          self._end(EXIT_PEER_LOST, self._line(f"error: {lost} {_during(phase, last)}", every=True))
 
   def _on_signal(self, signum: int) -> None:
-    self._signals.append(signum)
+    now = time.monotonic()
+    if self._signals and now - self._signals[-1] < self.settings.repeat_window:
+      return  # one signal delivered twice (`timeout` signals the child and its process group)
+    self._signals.append(now)
     if self.saving and len(self._signals) == 1:
       return  # the trainer checkpoints at the next step boundary (preemption.StopRequests)
     if self.saving:  # a second signal: the main thread may still act on it (exit 130 itself)
@@ -152,7 +166,8 @@ class Watchdog:
 
   def _line(self, what: str, every: bool = False) -> str:
     again = "run the same command again" + (" (every process)" if every else "")
-    return "; ".join(x for x in (what, self.checkpoint, again + (" to resume" if self.checkpoint else "")) if x)
+    resume = self.checkpoint.startswith("the last checkpoint")
+    return "; ".join(x for x in (what, self.checkpoint, again + (" to resume" if resume else "")) if x)
 
 
 class _Heartbeat:
@@ -213,6 +228,9 @@ class NoWatchdog:
 
   checkpoint = ""
   saving = False
+
+  def end_now(self, code: int, what: str) -> None:
+    del code, what
 
   @contextlib.contextmanager
   def phase(self, name: str):
