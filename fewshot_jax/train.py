@@ -373,14 +373,18 @@ def _validate(run: _Run) -> float:
 
 
 def _save(run: _Run, best: float | None = None) -> None:
-  """The latest checkpoint (unless this step has one) and, after a validation, the best-by-validation
-  one, waited for then."""
+  """After a validation, the best-by-validation checkpoint, then the latest (unless this step has one).
+
+  In that order, so that a run killed between the two resumes from an earlier latest checkpoint and
+  validates this step again (the same accuracy: the same state and episodes) rather than resuming
+  past a validation whose best checkpoint was never written; a best step that exists is kept."""
   with run.watch.phase(f"checkpoint at step {run.step}"):
+    if best is not None and run.step not in run.ckpt.best.all_steps():
+      run.ckpt.save(run.ckpt.best, run.state, run.meta, metrics={"val_accuracy": best})
     if run.ckpt.latest.latest_step() != run.step:
       _check_replicas(run.state)
       run.ckpt.save(run.ckpt.latest, run.state, run.meta)
     if best is not None:
-      run.ckpt.save(run.ckpt.best, run.state, run.meta, metrics={"val_accuracy": best})
       run.ckpt.wait()
   run.watch.checkpoint = _checkpoint_text(run.ckpt, run.step)
 
