@@ -135,8 +135,8 @@ flags.DEFINE_float("stuck_timeout", 600.0, "With several processes: a phase (a t
                    "with one line (a peer stuck in a collective); 0: never. Raise it for phases that take longer.")
 flags.DEFINE_string("support", None, "With --mode=predict: a folder with one folder of images per class "
                     "(the folder names are the class names).")
-flags.DEFINE_string("query", None, "With --mode=predict: the images to classify: a folder (searched "
-                    "recursively), a glob ('shots/*.jpg', quoted) or comma-separated files.")
+flags.DEFINE_string("query", None, "With --mode=predict: the images to classify: comma-separated folders "
+                    "(searched recursively), globs ('shots/*.jpg', quoted) or files.")
 flags.DEFINE_string("out", None, "With --mode=predict: write the JSON lines to this file (atomically) "
                     "instead of stdout.")
 flags.DEFINE_string("predict_mode", None, "With --mode=predict: one of the method's prediction modes (the "

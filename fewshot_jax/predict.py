@@ -1,7 +1,7 @@
 """`launch.py --mode=predict`: a trained workdir classifies image files, through fewshot_jax.api.
 
 --support=DIR holds one folder per class (the folder names are the class names, sorted), its images
-inside; --query is a folder (searched recursively), a glob, or comma-separated files. One JSON line per
+inside; --query is comma-separated folders (searched recursively), globs or files. One JSON line per
 query, {"path", "label", "probabilities": {class: p}}, in the order of the sorted query paths, goes to
 stdout or atomically to --out; then one JSON line {"summary": {...}} on stderr. The output is written
 only once every query is predicted, so an error leaves nothing half-written.
@@ -80,26 +80,26 @@ def list_support(folder: str, shots: int | None = None):
 
 
 def list_queries(spec: str):
-  """(query paths, skipped paths) of --query: a folder (recursive), a glob, or comma-separated files."""
+  """(query paths, skipped paths) of --query: comma-separated parts, each a folder (searched recursively),
+  a glob, or a file (a whole spec that names an existing folder or file is taken as one part)."""
   extensions = image_extensions()
   found, skipped = [], []
-  if os.path.isdir(spec):
-    for root, dirs, files in os.walk(spec):
-      dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-      for name in sorted(files):
-        path = os.path.join(root, name)
-        (found if not name.startswith(".") and _is_image(path, extensions) else skipped).append(path)
-  elif any(c in spec for c in _GLOB_CHARS):
-    for path in sorted(glob.glob(spec, recursive=True)):
-      if os.path.isfile(path):
-        (found if _is_image(path, extensions) else skipped).append(path)
-  else:
-    for path in (p.strip() for p in spec.split(",")):
-      if not path:
-        continue
-      if not os.path.isfile(path):
-        raise DataError(f"--query file {path} does not exist")
-      found.append(path)
+  parts = [spec] if os.path.exists(spec) else [p.strip() for p in spec.split(",") if p.strip()]
+  for part in parts:
+    if os.path.isdir(part):
+      for root, dirs, files in os.walk(part):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+          path = os.path.join(root, name)
+          (found if not name.startswith(".") and _is_image(path, extensions) else skipped).append(path)
+    elif any(c in part for c in _GLOB_CHARS):
+      for path in sorted(glob.glob(part, recursive=True)):
+        if os.path.isfile(path):
+          (found if _is_image(path, extensions) else skipped).append(path)
+    elif os.path.isfile(part):
+      found.append(part)  # named: read whatever its extension
+    else:
+      raise DataError(f"--query file {part} does not exist")
   if not found:
     other = f" ({len(skipped)} other file(s) skipped)" if skipped else ""
     raise DataError(f"--query={spec} matches no image file{other}")

@@ -31,7 +31,8 @@ from fewshot_jax.data import input_pipeline
 from fewshot_jax.data import omniglot
 from fewshot_jax.data import registry
 from fewshot_jax.data import sources
-from fewshot_jax.errors import CheckpointError, ConfigError, DataError, FewshotError
+from fewshot_jax.errors import CheckpointError, ConfigError, DataError
+from fewshot_jax.methods import idemenet
 from tests.conftest import REPO, load_config
 
 
@@ -68,10 +69,11 @@ def save_workdir(config, path, params=None, model_state=None, seed=0) -> str:
   return str(path)
 
 
-def episode_zero(model, dataset):
+def episode_zero(model, dataset, accuracy: bool = False):
   """Evaluation episode 0 of model.config under the standard protocol: (uint8 support, support labels,
-  uint8 query, query labels) of its images as the dataset stores them, and {mode: JAX scores [Q, N]}
-  of the evaluator's own sampling and prediction of that episode (eval.tasks episodes, task 0)."""
+  uint8 query, query labels) of its images as the dataset stores them, {mode: JAX scores [Q, N]} of the
+  evaluator's own sampling of that episode predicted by Method.modes with the evaluator's keys (eval.tasks
+  episodes, task 0) and, with `accuracy`, the evaluator's per-episode accuracy of episode 0."""
   config = model.config
   sample_key, predict_key = evaluate.episode_keys(config)
   sampling = dict(evaluate.protocol_sampling(config, "standard"), augment=None)  # floats = uint8 / 255
@@ -82,7 +84,7 @@ def episode_zero(model, dataset):
   episode = evaluator.sample(dataset, 0)
   keys = evaluate.indexed_keys(predict_key, 0, config.eval.tasks)
   scores = jax.jit(model.method.modes)(model.params, model.model_state, episode, keys)
-  per_episode = evaluator.per_episode(model.params, model.model_state)
+  per_episode = evaluator.per_episode(model.params, model.model_state) if accuracy else {}
   return dict(support=to_u8(raw.support), support_labels=np.asarray(raw.support_labels[0]),
               query=to_u8(raw.query), query_labels=np.asarray(raw.query_labels[0]), episode=episode,
               scores={m: np.asarray(s[0]) for m, s in scores.items()},
@@ -139,7 +141,7 @@ def synthetic_test(proto):
 
 def test_cli_on_episode_files_agrees_with_evaluation_and_the_api(proto, synthetic_test, tmp_path):
   workdir, model = proto
-  ep = episode_zero(model, synthetic_test)
+  ep = episode_zero(model, synthetic_test, accuracy=True)
   support_dir, query_dir, paths = write_task(tmp_path, ep["support"], ep["support_labels"], ep["query"])
   out = tmp_path / "pred.jsonl"
   result = launch("--mode=predict", f"--workdir={workdir}", f"--support={support_dir}", f"--query={query_dir}",
@@ -287,6 +289,8 @@ def test_bad_inputs_are_one_error_each(proto, tmp_path):
     run(q=str(tmp_path / "notes"))
   with pytest.raises(DataError, match="--query file .*nope.png does not exist"):
     run(q=os.path.join(query, "0.png") + ",nope.png")
+  assert predict.list_queries(f"{query}/0.png,{query}/[12].png,{support}")[0] == [  # a file, a glob, a folder
+      f"{query}/0.png", f"{query}/1.png", f"{query}/2.png"] + [f"{support}/{c}/{i}.png" for c in "ab" for i in (0, 1)]
   with pytest.raises(ConfigError, match="prediction mode 'fancy' is not one of protonet's; valid: \\['default'\\]"):
     run(mode="fancy")
   limited = api.Model.__new__(api.Model)
@@ -352,21 +356,51 @@ def test_lgmnet_toy_predicts_episode_files_as_evaluation_in_every_mode(prepared_
     labels, probs = model.predict(support, support_labels, query, mode=mode, batch_size=4)
     np.testing.assert_array_equal(labels, ep["scores"][mode].argmax(-1), err_msg=mode)
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
-    assert np.mean(labels == ep["query_labels"]) == pytest.approx(ep["accuracy"][mode])
-  # The generated weights are per task: any way count.
-  for ways in (2, 9):
-    labels, probs = model.predict(np.asarray(synthetic_test.images)[:ways * 20:20], np.arange(ways),
-                                  np.asarray(synthetic_test.images)[1:ways * 20:20])
-    assert probs.shape == (ways, ways)
-  assert model.embed(support[:2]).shape[0] == 2
+  # The generated weights are per task: any way count (5 above).
+  ways = 9
+  labels, probs = model.predict(np.asarray(synthetic_test.images)[:ways * 20:20], np.arange(ways),
+                                np.asarray(synthetic_test.images)[1:ways * 20:20])
+  assert probs.shape == (ways, ways)
+  features = jax.eval_shape(model.method.embed, model.params, model.model_state, jnp.zeros((2, 28, 28, 1)))
+  assert features.shape == (2, 4, 4, 8)  # the Extractor's maps (28 -> 14 -> 7 -> 4)
+
+
+def random_idemenet_variables(config, ti):
+  """Numpy-random variables of method.init's shapes (an XLA:CPU ResNet init or gallery embedding costs
+  tens of seconds to compile) and a gallery of the toy dataset's images with random features (they
+  only steer the candidate choice), as tests/test_compare.py builds them."""
+  method = methods.build(config)
+  example = state_lib.train_example(method, config)
+  abstract = jax.eval_shape(method.init, jax.random.key(0), example)
+  rng = np.random.default_rng(0)
+
+  def fill(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name == "kernel":
+      return jnp.asarray(rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1])), jnp.float32)
+    if name in ("scale", "var"):
+      return jnp.asarray(rng.uniform(0.6, 1.4, size=shape), jnp.float32)
+    return jnp.asarray(0.1 * rng.normal(size=shape), jnp.float32)
+
+  params = jax.tree_util.tree_map_with_path(fill, abstract["params"])
+  to_weight = params["deformation"]["to_weight"]  # patch weights near 0.5 +- 0.3, as a trained D's
+  to_weight["kernel"] = to_weight["kernel"] * (0.3 / float(jnp.abs(to_weight["kernel"]).sum(0).max()))
+  to_weight["bias"] = to_weight["bias"] + 0.5
+  images, _ = ti._images()  # pylint: disable=protected-access
+  data = ti._dataset()  # pylint: disable=protected-access
+  idx, labels = idemenet.choose_gallery(np.asarray(data.class_index), np.asarray(data.class_counts),
+                                        config.method.gallery_per_class, 0)
+  features = jnp.asarray(rng.normal(0, 10, (len(idx), 512)), jnp.float32)
+  state = {"batch_stats": jax.tree_util.tree_map_with_path(fill, abstract["batch_stats"]),
+           "gallery": {"images": jnp.asarray(images[idx]), "labels": jnp.asarray(labels), "features": features}}
+  return params, state
 
 
 def test_idemenet_toy_predicts_with_deformed_and_plain_supports(tmp_path):
   from tests import test_idemenet as ti  # pylint: disable=import-outside-toplevel
   config = ti._config()  # pylint: disable=protected-access
   config.eval.update(tasks=1, queries=2)
-  method = methods.build(config)
-  params, state = ti._variables(method, config)  # pylint: disable=protected-access
+  params, state = random_idemenet_variables(config, ti)
   model = fewshot_jax.load(save_workdir(config, tmp_path / "idemenet", params, state))
   assert set(model.modes) == {"deformed", "plain"} and model.mode == "deformed"
   ep = episode_zero(model, ti._dataset())  # pylint: disable=protected-access
@@ -383,7 +417,8 @@ def test_idemenet_toy_predicts_with_deformed_and_plain_supports(tmp_path):
   with pytest.raises(DataError, match="grey.png is a grey image \\(mode L\\) but the model takes colour"):
     model.read_images([str(tmp_path / "grey.png")])
   assert model.read_images([str(tmp_path / "grey.png")], convert_channels=True).shape == (1, 32, 32, 3)
-  assert model.embed(ep["query"][:2]).shape == (2, 512)
+  features = jax.eval_shape(model.method.embed, model.params, model.model_state, jnp.zeros((2, 32, 32, 3)))
+  assert features.shape == (2, 512)  # E's features
 
 
 def test_import_is_light():
