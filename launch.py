@@ -264,6 +264,8 @@ def _predict(config):
   """--mode=predict: the workdir's config.json unless --config is given; --config.KEY=V overrides apply
   to either (without --config, only keys the default config also has parse)."""
   from fewshot_jax import predict  # pylint: disable=g-import-not-at-top
+  if FLAGS.distributed:
+    _fail("--mode=predict runs in one process; drop --distributed")
   if not FLAGS.support or not FLAGS.query:
     _fail("--mode=predict needs --support=DIR (one folder of images per class) and --query=DIR, GLOB or "
           "FILE[,FILE...] (the images to classify)")
