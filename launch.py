@@ -113,11 +113,12 @@ try:  # overrides (--config.a.b=v) are applied while the flag is defined
 except (AttributeError, KeyError, TypeError, ValueError) as err:
   _fail(_override_problem(err, sys.argv))
 flags.DEFINE_string("workdir", os.path.join("workdirs", "default"), "Checkpoints, logs and results.")
-flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval", "convert", "compare", "export"],
+flags.DEFINE_enum("mode", "train_eval", ["train", "eval", "train_eval", "convert", "compare", "export", "predict"],
                   "What to run. convert: --torch_checkpoint (a PyTorch state_dict in the authors' "
                   "format) -> an orbax checkpoint in --workdir; compare: evaluate the workdir's model in JAX and PyTorch on "
                   "the same episodes; export: the workdir's model -> --torch_checkpoint, a PyTorch "
-                  "state_dict in the authors' format.")
+                  "state_dict in the authors' format; predict: the workdir's model classifies --query images "
+                  "given --support (docs/running.md).")
 flags.DEFINE_string("torch_checkpoint", None, "PyTorch file read by --mode=convert or written by "
                     "--mode=export (the key layouts: methods/*_torch.py).")
 flags.DEFINE_bool("overwrite", False, "With --mode=convert: replace the checkpoints a workdir already holds.")
@@ -132,6 +133,19 @@ flags.DEFINE_list("local_device_ids", None, "With --distributed: the local devic
 flags.DEFINE_float("stuck_timeout", 600.0, "With several processes: a phase (a training call, validation, "
                    "evaluation, a checkpoint) that has not completed after this many seconds ends every process "
                    "with one line (a peer stuck in a collective); 0: never. Raise it for phases that take longer.")
+flags.DEFINE_string("support", None, "With --mode=predict: a folder with one folder of images per class "
+                    "(the folder names are the class names).")
+flags.DEFINE_string("query", None, "With --mode=predict: the images to classify: comma-separated folders "
+                    "(searched recursively), globs ('shots/*.jpg', quoted) or files.")
+flags.DEFINE_string("out", None, "With --mode=predict: write the JSON lines to this file (atomically) "
+                    "instead of stdout.")
+flags.DEFINE_string("predict_mode", None, "With --mode=predict: one of the method's prediction modes (the "
+                    "`modes` of --mode=eval's result); default the checkpoint mode.")
+flags.DEFINE_integer("predict_batch", 128, "With --mode=predict: query images per compiled call.")
+flags.DEFINE_integer("shots", None, "With --mode=predict: use the first K images (by name) of each class; "
+                     "default all, the counts may differ.")
+flags.DEFINE_bool("convert_channels", False, "With --mode=predict: convert grey images for an RGB model "
+                  "(and colour ones for a grey model) instead of stopping at the first.")
 FLAGS = flags.FLAGS
 
 
@@ -217,6 +231,8 @@ def _run_mode(config, watch):
       with watch.phase("the comparison"):
         result = compare.compare_checkpoint(config, FLAGS.workdir)
       print(compare.format_table(result))
+    if FLAGS.mode == "predict":
+      _predict(config)
     if FLAGS.mode in ("train", "train_eval"):
       train.train_and_evaluate(config, FLAGS.workdir, watch=watch)
     if FLAGS.mode in ("eval", "train_eval"):
@@ -242,6 +258,32 @@ def _run_mode(config, watch):
       watch.end_now(watchdog.EXIT_PEER_LOST, f"error: a collective failed ({text[:160]}): a peer process is "
                     "gone or unreachable")
     raise
+
+
+def _predict(config):
+  """--mode=predict: the workdir's config.json unless --config is given; --config.KEY=V overrides apply
+  to either (without --config, only keys the default config also has parse)."""
+  from fewshot_jax import predict  # pylint: disable=g-import-not-at-top
+  if FLAGS.distributed:
+    _fail("--mode=predict runs in one process; drop --distributed")
+  if not FLAGS.support or not FLAGS.query:
+    _fail("--mode=predict needs --support=DIR (one folder of images per class) and --query=DIR, GLOB or "
+          "FILE[,FILE...] (the images to classify)")
+  overrides = None
+  if not FLAGS["config"].present:
+    keys = [a[len("--config."):].split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
+    overrides = {k: _config_value(config, k) for k in keys}
+    config = None
+  predict.main(FLAGS.workdir, FLAGS.support, FLAGS.query, config=config, overrides=overrides, out=FLAGS.out,
+               mode=FLAGS.predict_mode, batch_size=FLAGS.predict_batch, shots=FLAGS.shots,
+               convert_channels=FLAGS.convert_channels)
+
+
+def _config_value(config, key: str):
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ class Dataset:
   builder(scheme=, image_size=, data_dir=, manual_dir=) -> its unprepared TFDS builder.
   resizable: the builder stores any image_size it accepts (and checks it); otherwise only image_size.
   placement: the data.placement configs start from ('sharded': a split larger than one device).
+  prepare_image(image, size) -> uint8 [size, size, channels]: a user's image (an opened PIL image of any
+    mode and size) as the builder stores its own, for --mode=predict and fewshot_jax.load (`stored_image`);
+    None: sources.to_stored (converted to the record's channels, the whole image resized bicubic).
   """
 
   name: str
@@ -43,6 +46,15 @@ class Dataset:
   builder: Callable[..., Any]
   resizable: bool = False
   placement: str = 'replicated'
+  prepare_image: Callable[..., Any] | None = None
+
+  def stored_image(self, image, size: int):
+    """A user's image (PIL, any mode and size) -> uint8 [size, size, channels] as the builder stores its
+    own (prepare_image); decoding errors propagate (sources.DECODE_ERRORS)."""
+    if self.prepare_image is not None:
+      return self.prepare_image(image, size)
+    from fewshot_jax.data import sources  # pylint: disable=import-outside-toplevel
+    return sources.to_stored(image, size, self.channels)
 
   def make_builder(self, *, scheme: str, image_size: int, data_dir, manual_dir=None):
     """The builder of a split scheme at a stored size, both checked first; nothing is read or written

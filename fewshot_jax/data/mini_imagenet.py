@@ -195,4 +195,5 @@ DATASET = common.Dataset(
     raw_files=FewshotMiniImagenet.MANUAL_DOWNLOAD_INSTRUCTIONS, image_size=IMAGE_SIZE, channels=3,
     # The per-channel statistics of the train split commonly used with this copy.
     mean=(120.39, 115.59, 104.54), std=(70.68, 68.42, 72.50), preset='mini', base_classes=64,
-    builder=common.fixed_builder(FewshotMiniImagenet))
+    builder=common.fixed_builder(FewshotMiniImagenet),
+    prepare_image=lambda im, size: sources.to_stored(im, size, 3, Image.Resampling.LANCZOS))  # as decode_image

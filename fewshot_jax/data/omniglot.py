@@ -281,6 +281,16 @@ def resize_ink(ink: np.ndarray, size: int) -> np.ndarray:
       for im in images])
 
 
+def user_image(im: Image.Image, size: int) -> np.ndarray:
+  """A user's character image (dark ink on light paper, as the official scans; any mode and size) ->
+  uint8 [size, size, 1], ink 255: what the builder does to the scans (read_zip's ink = grey < 128,
+  then resize_ink's Lanczos), so a 105x105 scan gives exactly its stored image."""
+  image = (np.asarray(im.convert('L')) < 128).astype(np.uint8) * 255
+  if image.shape != (size, size):
+    image = np.asarray(Image.fromarray(image, 'L').resize((size, size), Image.Resampling.LANCZOS))
+  return image[:, :, None]
+
+
 # ---------------------------------------------------------------- builder
 
 
@@ -392,4 +402,4 @@ DATASET = common.Dataset(
     raw_files=FewshotOmniglot.MANUAL_DOWNLOAD_INSTRUCTIONS + ' Without them the official zips are downloaded.',
     image_size=28, channels=1, mean=common.GREY_MEAN, std=common.GREY_STD, preset='omniglot',
     base_classes=4112,  # splits/vinyals/train.txt
-    builder=_builder, resizable=True)
+    builder=_builder, resizable=True, prepare_image=user_image)

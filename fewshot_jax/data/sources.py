@@ -49,18 +49,30 @@ def class_list(dataset: str, split: str) -> list[list[str]]:
 # ---------------------------------------------------------------- images
 
 
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def decode_image(data: bytes, where: str, size: int, resample=Image.Resampling.BICUBIC) -> np.ndarray:
   """JPEG/PNG bytes -> uint8 [size, size, 3] RGB; the whole image is resized (no crop) when needed.
   `where` describes the image in the error ('image /path/x.jpg')."""
   try:
     with Image.open(io.BytesIO(data)) as im:
-      im.draft('RGB', (size, size))  # JPEG: decode big images at a reduced scale.
-      rgb = im.convert('RGB')
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+      return to_stored(im, size, 3, resample)
+  except DECODE_ERRORS as e:
     raise DataError(f'cannot decode {where}: {e}') from None
-  if rgb.size != (size, size):
-    rgb = rgb.resize((size, size), resample)
-  return np.asarray(rgb)
+
+
+def to_stored(im: Image.Image, size: int, channels: int = 3, resample=Image.Resampling.BICUBIC) -> np.ndarray:
+  """An opened image (any mode and size) -> uint8 [size, size, channels], as the builders store theirs:
+  converted to RGB (a JPEG decoded at a reduced scale first when it is large) or to grey ('L'), the
+  whole image resized (no crop) with `resample` when needed. Decoding errors propagate (DECODE_ERRORS)."""
+  if channels == 3:
+    im.draft('RGB', (size, size))  # JPEG: decode big images at a reduced scale.
+  converted = im.convert('RGB' if channels == 3 else 'L')
+  if converted.size != (size, size):
+    converted = converted.resize((size, size), resample)
+  out = np.asarray(converted)
+  return out if channels == 3 else out[:, :, None]
 
 
 def as_bytes(item, where: str) -> bytes:

@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageDraw
 
-from fewshot_jax.data import common
+from fewshot_jax.data import common, sources
 
 SPLIT_CLASSES = {'train': 200, 'val': 50, 'test': 100}
 IMAGES_PER_CLASS = 20
@@ -151,4 +151,6 @@ def _builder(*, scheme, image_size, data_dir, manual_dir):
 DATASET = common.Dataset(
     name='synthetic', schemes=('default',), folder=None, raw_files='', image_size=IMAGE_SIZE, channels=1,
     mean=common.GREY_MEAN, std=common.GREY_STD, preset='synthetic', base_classes=SPLIT_CLASSES['train'],
-    builder=_builder)
+    builder=_builder,
+    # A user's image: grey, ink bright as stored; resized as draw_glyph downsamples its 4x canvas.
+    prepare_image=lambda im, size: sources.to_stored(im, size, 1, Image.Resampling.BOX))

@@ -34,6 +34,12 @@ class Method:
     eval_mode(config) -> the mode that selects checkpoints and heads eval_<split>.json (a
     function of the config the evaluation runs under: the method's own knob; None: 'default').
   figures: Figures written beside an evaluation, or None.
+  For prediction on users' images (fewshot_jax.load, --mode=predict):
+  embed(params, state, images) -> features [B, ...] of preprocessed images: the shared network's
+    evaluation-mode output (None: the method has none to offer);
+  probabilities(mode, scores [..., N]) -> [..., N], the class probabilities of a mode's scores
+    (None: softmax of the scores, which are logits or log-probabilities);
+  max_ways: the most classes one task may have (None: any number).
   The optional PyTorch bridge is methods/<name>_torch.py (see methods.torch_bridge).
   """
 
@@ -49,6 +55,9 @@ class Method:
   eval_mode: Callable[..., str] | None = None
   figures: "Figures | None" = None
   learning_rate: Callable[..., Any] | None = None
+  embed: Callable[..., Any] | None = None
+  probabilities: Callable[..., Any] | None = None
+  max_ways: int | None = None
 
   def modes(self, params, state, episode, keys) -> dict:
     """{mode: logits [T, N*Q, N]} for every prediction mode (keys: [T], one per task)."""
@@ -59,6 +68,12 @@ class Method:
   def checkpoint_mode(self, config) -> str:
     """The prediction mode that selects checkpoints under `config`."""
     return "default" if self.eval_mode is None else self.eval_mode(config)
+
+  def class_probabilities(self, mode: str, scores):
+    """Class probabilities [..., N] of a mode's scores [..., N] (`probabilities`, or their softmax)."""
+    if self.probabilities is not None:
+      return self.probabilities(mode, scores)
+    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,4 +179,7 @@ def metric_method(name: str, model, head: Callable[..., Any], **hooks) -> Method
     del key
     return logits_fn(params, state, episode, False)[0]
 
-  return Method(name, init, loss, predict, **hooks)
+  def embed(params, state, images):
+    return apply_backbone(model, params, state, images, False)[0]
+
+  return Method(name, init, loss, predict, embed=embed, **hooks)

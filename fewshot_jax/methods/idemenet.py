@@ -425,4 +425,5 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
                         learning_rate=lambda c: _schedule(c, c.method.lr_deformation), setup=setup,
                         predict_all_modes=predict_all_modes, eval_mode=lambda c: c.method.eval_mode,
                         figures=common.Figures(figure_data, write_figure),
+                        embed=lambda params, state, images: e_apply(params["embedding"], state, images)[0],
                         deform=deform)

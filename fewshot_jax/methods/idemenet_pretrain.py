@@ -92,5 +92,8 @@ def build(config: ml_collections.ConfigDict) -> common.Method:
     logits = lambda s, y, q: -common.squared_distances(q, common.prototypes(s, y, ways))
     return jax.vmap(logits)(support, episode.support_labels, query)
 
+  def embed(params, state, images):
+    return model.apply({"params": params, **state}, images, train=False)[0]
+
   return common.Method("idemenet_pretrain", init, loss, predict, train_batch=train_batch,
-                       train_example=train_example)
+                       train_example=train_example, embed=embed)

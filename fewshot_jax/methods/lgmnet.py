@@ -222,6 +222,20 @@ def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
   def generated_weights(params, state, episode, noise):
     return generate(params, embed(params, state, episode, False)[2], noise)
 
+  def extractor_features(params, state, images):
+    """The Extractor's feature maps [B, h, w, C]: the only task-independent network (the TargetNet's
+    embeddings depend on each task's generated weights)."""
+    variables = {"params": params["extractor"], "batch_stats": state["batch_stats"]["extractor"]}
+    return extractor.apply(variables, images, train=False)
+
+  def probabilities(mode, scores):
+    """'single' / 'mean': the matching classifier's p(class | query) (softmax of its log-probabilities);
+    'ensemble': each class's share of the draws' votes (its scores are vote counts plus a tie-break below 1)."""
+    if mode == "ensemble":
+      return jnp.floor(scores) / mc.ensemble_draws
+    return jax.nn.softmax(scores, axis=-1)
+
   return LGMNetMethod("lgmnet", init, loss, predict, predict_all_modes=predict_all_modes, eval_mode=lambda c: c.method.eval_mode,
+                      embed=extractor_features, probabilities=probabilities,
                       log_probs=eval_log_probs, noise_shape=noise_shape,
                       generated_weights=generated_weights, train_log_probs=train_log_probs)
