@@ -1,7 +1,7 @@
 """Scores every method's every prediction mode on the same episodes, in one process or several.
 
 Run by tests/test_pods.py: `python tests/pod_eval.py OUT.json DATA_DIR EPISODES TASKS [COORDINATOR NPROC ID]`
-(TASKS: comma-separated eval.tasks values). Toy-width models with fixed random weights (the same
+(EPISODES: method=count,... for the methods to score; TASKS: comma-separated eval.tasks values). Toy-width models with fixed random weights (the same
 on every process: initialised from one key): ProtoNet, MatchingNet and LGM-Net on `synthetic`,
 IDeMe-Net stage 2 on generated 32-pixel RGB classes with a gallery embedded by its random E.
 Process 0 writes {case: {tasks: {mode: [per-episode accuracy]}}}.
@@ -74,7 +74,8 @@ def _variables(method, config, mesh, dataset, images):
 
 
 def main(argv):
-  out, data_dir, num, tasks = argv[1], argv[2], int(argv[3]), [int(t) for t in argv[4].split(",")]
+  out, data_dir, tasks = argv[1], argv[2], [int(t) for t in argv[4].split(",")]
+  counts = {k: int(v) for k, v in (item.split("=") for item in argv[3].split(","))}
   if len(argv) > 5:
     from fewshot_jax import multihost  # pylint: disable=g-import-not-at-top
     multihost.initialize(argv[5], int(argv[6]), int(argv[7]))
@@ -85,6 +86,8 @@ def main(argv):
   mesh = sharding.make_mesh()
   result, seconds = {}, {}
   for name, config in _cases(data_dir).items():
+    if name not in counts:
+      continue
     method = methods.build(config)
     if name == "idemenet":
       dataset, images = _toy_rgb(mesh)
@@ -94,7 +97,7 @@ def main(argv):
     result[name], start = {}, time.time()
     for t in tasks:
       config.eval.tasks = t
-      evaluator = evaluate.Evaluator(method, config, mesh, "test", num, dataset=dataset)
+      evaluator = evaluate.Evaluator(method, config, mesh, "test", counts[name], dataset=dataset)
       per_mode = evaluator.per_episode(params, state)
       result[name][str(t)] = {m: np.asarray(a, np.float64).tolist() for m, a in per_mode.items()}
     seconds[name] = time.time() - start
