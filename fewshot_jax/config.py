@@ -141,6 +141,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key, value in positive.items():
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"{key}={value!r} must be a positive integer")
+  if c.episode.ways < 2:
+    raise ConfigError(f"episode.ways={c.episode.ways} must be >= 2: a 1-way task has one answer, right "
+                      "whatever the model (100% accuracy, nothing learned)")
   if c.episode.query_sampling not in QUERY_SAMPLING:
     raise ConfigError(f"episode.query_sampling={c.episode.query_sampling!r} is unknown; "
                       f"valid: {list(QUERY_SAMPLING)}")
@@ -154,8 +157,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"data.placement={c.data.placement!r} is unknown; valid: {list(PLACEMENTS)}")
   if c.train.loop not in LOOPS:
     raise ConfigError(f"train.loop={c.train.loop!r} is unknown; valid: {list(LOOPS)}")
-  if c.episode.train_ways < 0:
-    raise ConfigError(f"episode.train_ways={c.episode.train_ways} must be >= 0 (0 = episode.ways)")
+  if c.episode.train_ways < 0 or c.episode.train_ways == 1:
+    raise ConfigError(f"episode.train_ways={c.episode.train_ways} must be 0 (= episode.ways) or >= 2")
   if not (c.train.lr > 0 and math.isfinite(c.train.lr)):
     raise ConfigError(f"train.lr={c.train.lr} must be a finite number > 0")
   if c.train.nonfinite not in NONFINITE:
