@@ -91,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 def apply_dataset(c: ml_collections.ConfigDict, name: str, scheme: str | None = None) -> None:
   """Sets data.* from a dataset's record: its default scheme, the manual dir from $FEWSHOT_DATA_DIR,
-  stored size, pixel statistics and placement."""
+  stored size, pixel statistics (empty: the prepared train split's, filled in at the start of a run)
+  and placement, and adds the record's own keys (options, e.g. data.channels) with their defaults."""
   dataset = registry.get(name)
   c.data.name = name
   c.data.split = scheme or dataset.schemes[0]
@@ -99,6 +100,9 @@ def apply_dataset(c: ml_collections.ConfigDict, name: str, scheme: str | None = 
   c.data.image_size = dataset.image_size
   c.data.mean, c.data.std = dataset.mean, dataset.std
   c.data.placement = dataset.placement
+  with c.data.unlocked():
+    for key, value in dataset.options.items():
+      c.data[key] = value
 
 
 def fill_missing(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
