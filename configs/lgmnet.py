@@ -19,7 +19,8 @@ from fewshot_jax.data import registry
 
 PRESETS = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s",
            "mini-5w1s", "mini-5w5s", "cifarfs-5w1s", "cifarfs-5w5s", "fc100-5w1s", "fc100-5w5s",
-           "fc100-20w1s", "fc100-20w5s", "tiered-5w1s", "tiered-5w5s", "cub-5w1s", "cub-5w5s", "synthetic")
+           "fc100-20w1s", "fc100-20w5s", "tiered-5w1s", "tiered-5w5s", "cub-5w1s", "cub-5w5s", "folder-5w1s",
+           "folder-5w5s", "synthetic")
 
 
 def get_config(preset: str = "synthetic"):
@@ -76,8 +77,9 @@ def get_config(preset: str = "synthetic"):
     c.train.update(steps=6000 if shots == 1 else 3500, eval_every=500, log_every=100)
     c.eval.update(val_episodes=300)
   else:
-    # CIFAR-FS, FC100 (the four tasks of the PyTorch port), tieredImageNet and CUB train with the
-    # miniImageNet recipe and their records' RGB mean / std; miniImageNet with the reference's scalar.
+    # CIFAR-FS, FC100 (the four tasks of the PyTorch port), tieredImageNet, CUB and an image folder
+    # (docs/datasets.md) train with the miniImageNet recipe and their records' RGB mean / std (a
+    # folder's: its train split's); miniImageNet with the reference's scalar.
     if dataset == "mini":
       c.data.update(mean=(113.77,), std=(70.19,))
     c.episode.query_sampling = "per_task"  # queries=1: one query per task, as the reference

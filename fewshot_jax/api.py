@@ -100,6 +100,7 @@ class Model:
     from fewshot_jax import evaluate  # pylint: disable=import-outside-toplevel
     from fewshot_jax.data import augment  # pylint: disable=import-outside-toplevel
     from fewshot_jax.data import registry  # pylint: disable=import-outside-toplevel
+    from fewshot_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
     self.config = config
     self.method = method
     self.workdir = workdir
@@ -108,7 +109,7 @@ class Model:
     self.record = registry.get(config.data.name)
     self.image_size = int(config.data.image_size)
     self.input_size = int(augment.input_size(config))
-    self.channels = self.record.channels
+    self.channels = input_pipeline.channels(config)  # data.channels where the record lets it vary
     self.mode = method.checkpoint_mode(config)  # the default prediction mode
     self.traces = collections.Counter()  # function name -> times traced (= compiled shapes)
     self._jitted = {}
@@ -158,7 +159,7 @@ class Model:
     from fewshot_jax.data import sources  # pylint: disable=import-outside-toplevel
     self._check_channels(im.mode, where, convert_channels)
     try:
-      return self.record.stored_image(im, self.image_size)
+      return self.record.stored_image(im, self.image_size, self.channels)
     except sources.DECODE_ERRORS as e:
       raise DataError(f"cannot read {where}: {e}") from None
 

@@ -91,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 def apply_dataset(c: ml_collections.ConfigDict, name: str, scheme: str | None = None) -> None:
   """Sets data.* from a dataset's record: its default scheme, the manual dir from $FEWSHOT_DATA_DIR,
-  stored size, pixel statistics and placement."""
+  stored size, pixel statistics (empty: the prepared train split's, filled in at the start of a run)
+  and placement, and adds the record's own keys (options, e.g. data.channels) with their defaults."""
   dataset = registry.get(name)
   c.data.name = name
   c.data.split = scheme or dataset.schemes[0]
@@ -99,6 +100,9 @@ def apply_dataset(c: ml_collections.ConfigDict, name: str, scheme: str | None = 
   c.data.image_size = dataset.image_size
   c.data.mean, c.data.std = dataset.mean, dataset.std
   c.data.placement = dataset.placement
+  with c.data.unlocked():
+    for key, value in dataset.options.items():
+      c.data[key] = value
 
 
 def fill_missing(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -141,6 +145,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key, value in positive.items():
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"{key}={value!r} must be a positive integer")
+  if c.episode.ways < 2:
+    raise ConfigError(f"episode.ways={c.episode.ways} must be >= 2: a 1-way task has one answer, right "
+                      "whatever the model (100% accuracy, nothing learned)")
   if c.episode.query_sampling not in QUERY_SAMPLING:
     raise ConfigError(f"episode.query_sampling={c.episode.query_sampling!r} is unknown; "
                       f"valid: {list(QUERY_SAMPLING)}")
@@ -154,8 +161,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"data.placement={c.data.placement!r} is unknown; valid: {list(PLACEMENTS)}")
   if c.train.loop not in LOOPS:
     raise ConfigError(f"train.loop={c.train.loop!r} is unknown; valid: {list(LOOPS)}")
-  if c.episode.train_ways < 0:
-    raise ConfigError(f"episode.train_ways={c.episode.train_ways} must be >= 0 (0 = episode.ways)")
+  if c.episode.train_ways < 0 or c.episode.train_ways == 1:
+    raise ConfigError(f"episode.train_ways={c.episode.train_ways} must be 0 (= episode.ways) or >= 2")
   if not (c.train.lr > 0 and math.isfinite(c.train.lr)):
     raise ConfigError(f"train.lr={c.train.lr} must be a finite number > 0")
   if c.train.nonfinite not in NONFINITE:

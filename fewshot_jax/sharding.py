@@ -13,11 +13,14 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def setup(config):
-  """(config, mesh) every entry point starts from: the config validated, a mesh over all devices of
-  all processes, and episode.tasks / eval.tasks rounded up to multiples of its size."""
+  """(config, mesh) every entry point starts from: the config validated, pixel statistics it leaves
+  to the data filled in (input_pipeline.with_statistics), a mesh over all devices of all processes,
+  and episode.tasks / eval.tasks rounded up to multiples of its size."""
   from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top  # (config imports no jax)
+  from fewshot_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   config_lib.validate(config)
   mesh = make_mesh()
+  config = input_pipeline.with_statistics(config)
   return config_lib.fit_to_devices(config, mesh.size), mesh
 
 

@@ -68,8 +68,8 @@ def test_no_method_is_named_outside_its_own_files():
   assert not hits, "\n".join(hits)
 
 
-_DATASET_NAMES = re.compile(r"omniglot|mini_?imagenet|synthetic|cifar[-_]?fs|fc100|tiered_?imagenet|\bcub\b",
-                            re.IGNORECASE)
+_DATASET_NAMES = re.compile(r"omniglot|mini_?imagenet|synthetic|cifar[-_]?fs|fc100|tiered_?imagenet|\bcub\b|"
+                            r"image_?folder", re.IGNORECASE)
 
 
 def test_no_dataset_is_named_outside_data():
@@ -87,12 +87,14 @@ def test_no_dataset_is_named_outside_data():
 
 
 def test_dataset_records_are_whole(tmp_path):
-  """Every registered record: a unique name and preset prefix, statistics per channel, and a builder that
-  stores images of the record's size and channels."""
+  """Every registered record: a unique name and preset prefix, statistics per channel (or none: the prepared
+  data's), base classes (or 0 where only the files tell), and a builder that stores images of the record's
+  size and channels."""
   records = registry.DATASETS
   assert len({d.name for d in records}) == len({d.preset for d in records}) == len(records)
   for d in records:
-    assert d.schemes and len(d.mean) == len(d.std) == d.channels and 0 < d.base_classes
+    assert d.schemes and len(d.mean) == len(d.std) and len(d.mean) in (0, d.channels)
+    assert 0 < d.base_classes or (d.base_classes == 0 and d.folder is None and not d.generated)
     builder = d.make_builder(scheme=d.schemes[0], image_size=d.image_size, data_dir=tmp_path)
     assert builder.info.features["image"].shape == (d.image_size, d.image_size, d.channels), d.name
 

@@ -20,14 +20,14 @@ from fewshot_jax.errors import DataError, FewshotError
 
 
 def make_builder(name: str, *, scheme: str, image_size: int, data_dir,
-                 manual_dir=None) -> tfds.core.DatasetBuilder:
-  """Validated builder of a registered dataset; nothing is read or written until `prepare`.
+                 manual_dir=None, **options) -> tfds.core.DatasetBuilder:
+  """Validated builder of a registered dataset; nothing is written until `prepare`.
 
   manual_dir holds the raw files (the record's raw_files; each dataset module says more);
-  a generated dataset ignores it.
+  a generated dataset ignores it. `options`: the record's own data.* keys (Dataset.options).
   """
   return registry.get(name).make_builder(scheme=scheme, image_size=image_size, data_dir=data_dir,
-                                         manual_dir=manual_dir)
+                                         manual_dir=manual_dir, **options)
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:

@@ -2,7 +2,7 @@
 (as methods/<name>.py declare Method records) and listed in data/registry.py."""
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from fewshot_jax.errors import ConfigError
 
@@ -18,19 +18,23 @@ class Dataset:
 
   name: data.name. schemes: its class splits (data.split); the first is the default.
   folder: the folder under $FEWSHOT_DATA_DIR holding our copy (config's default data.manual_dir);
-    None for a generated dataset, which needs no files.
+    None where there is none: a generated dataset (no files) or the user's own files.
   raw_files: what a manual_dir holds and where else the files come from ('' when generated).
-  image_size, channels: the stored images (data.image_size's default).
-  mean, std: per-channel pixel statistics (0..255 units) that data.mean / data.std start from.
+  image_size, channels: the stored images (data.image_size's default; channels is data.channels'
+    where `options` has it).
+  mean, std: per-channel pixel statistics (0..255 units) that data.mean / data.std start from; () for
+    statistics of the prepared train split (input_pipeline.with_statistics fills them in).
   preset: the prefix of the configs' presets on it (configs/<method>.py:<preset>-5w1s).
   base_classes: classes of the default scheme's train split (the classifier head of a method that
-    pretrains on them).
+    pretrains on them); 0 where only the files tell.
   builder(scheme=, image_size=, data_dir=, manual_dir=) -> its unprepared TFDS builder.
   resizable: the builder stores any image_size it accepts (and checks it); otherwise only image_size.
   placement: the data.placement configs start from ('sharded': a split larger than one device).
   prepare_image(image, size) -> uint8 [size, size, channels]: a user's image (an opened PIL image of any
     mode and size) as the builder stores its own, for --mode=predict and fewshot_jax.load (`stored_image`);
     None: sources.to_stored (converted to the record's channels, the whole image resized bicubic).
+  options: further data.* keys the builder reads, with their defaults: config.apply_dataset adds
+    them to data.*, and make_builder passes them on as keyword arguments.
   """
 
   name: str
@@ -47,22 +51,34 @@ class Dataset:
   resizable: bool = False
   placement: str = 'replicated'
   prepare_image: Callable[..., Any] | None = None
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
-  def stored_image(self, image, size: int):
+  def stored_image(self, image, size: int, channels: int | None = None):
     """A user's image (PIL, any mode and size) -> uint8 [size, size, channels] as the builder stores its
-    own (prepare_image); decoding errors propagate (sources.DECODE_ERRORS)."""
+    own (prepare_image); `channels`: the config's where a record lets it vary (data.channels);
+    decoding errors propagate (sources.DECODE_ERRORS)."""
     if self.prepare_image is not None:
       return self.prepare_image(image, size)
     from fewshot_jax.data import sources  # pylint: disable=import-outside-toplevel
-    return sources.to_stored(image, size, self.channels)
+    return sources.to_stored(image, size, channels or self.channels)
 
-  def make_builder(self, *, scheme: str, image_size: int, data_dir, manual_dir=None):
-    """The builder of a split scheme at a stored size, both checked first; nothing is read or written
-    until builders.prepare."""
+  @property
+  def generated(self) -> bool:
+    """Made from a seed: no files at all."""
+    return not self.raw_files
+
+  def make_builder(self, *, scheme: str, image_size: int, data_dir, manual_dir=None, **options):
+    """The builder of a split scheme at a stored size, both checked first (and `options`, the record's,
+    by the builder); nothing is written until builders.prepare."""
     _check(self.name, 'scheme', scheme, self.schemes)
     if not self.resizable:
       _check(self.name, 'image_size', image_size, (self.image_size,))
-    return self.builder(scheme=scheme, image_size=image_size, data_dir=data_dir, manual_dir=manual_dir)
+    unknown = sorted(set(options) - set(self.options))
+    if unknown:
+      raise ConfigError(f'{self.name} reads no data.{unknown[0]}; its own data.* keys: '
+                        f'{sorted(self.options) or "none"}')
+    return self.builder(scheme=scheme, image_size=image_size, data_dir=data_dir, manual_dir=manual_dir,
+                        **{**self.options, **options})
 
 
 def fixed_builder(builder_class) -> Callable[..., Any]:

@@ -13,6 +13,7 @@ from fewshot_jax.data import augment
 from fewshot_jax.data import builders
 from fewshot_jax.data import episodes
 from fewshot_jax.data import registry
+from fewshot_jax.data import sources
 
 
 
@@ -26,7 +27,7 @@ def builder_from_config(config: ml_collections.ConfigDict):
   """
   d = config.data
   make = lambda: builders.make_builder(d.name, scheme=d.split, image_size=d.image_size, data_dir=d.data_dir,
-                                       manual_dir=d.manual_dir)
+                                       manual_dir=d.manual_dir, **options(config))
   builder = make()  # validates the config before any process waits
   if multihost.is_main() and not builder.is_prepared():
     builder = _prepare_locked(make, d)
@@ -71,7 +72,43 @@ def load(config: ml_collections.ConfigDict, split: str, mesh=None) -> episodes.D
   return episodes.load_split(builder_from_config(config), split, mesh, config.data.placement)
 
 
+def options(config: ml_collections.ConfigDict) -> dict:
+  """The dataset record's own data.* keys (Dataset.options) as config.data sets them (a config.json
+  that predates one: its default)."""
+  d = config.data
+  return {key: d[key] if key in d else value for key, value in registry.get(d.name).options.items()}
+
+
+def channels(config: ml_collections.ConfigDict) -> int:
+  """Channels of the stored images: data.channels where the record lets the config choose, else the record's."""
+  return options(config).get("channels", registry.get(config.data.name).channels)
+
+
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """Shape of one image as the model sees it (after on-device resizing)."""
   size = augment.input_size(config)
-  return (size, size, registry.get(config.data.name).channels)
+  return (size, size, channels(config))
+
+
+def with_statistics(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config`, or a copy whose empty data.mean / data.std are the per-channel statistics of the prepared
+  train split (data.train_split): kept in the prepared dataset's metadata by builders that compute them
+  while writing (an image folder's), else one streaming pass over the split (sources.channel_stats).
+  The dataset is prepared here if it is not yet."""
+  d = config.data
+  if len(d.mean) and len(d.std):
+    return config
+  builder = builder_from_config(config)
+  metadata = builder.info.metadata or {}
+  if d.train_split == "train" and "mean" in metadata and "std" in metadata:
+    mean, std = tuple(metadata["mean"]), tuple(metadata["std"])
+  else:
+    mean, std = sources.channel_stats(builder, d.train_split)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.mean = tuple(config.data.mean) or mean
+    config.data.std = tuple(config.data.std) or std
+  logging.info("data.mean=%s, data.std=%s: the statistics of %s's %s split",
+               tuple(round(m, 2) for m in config.data.mean), tuple(round(s, 2) for s in config.data.std),
+               builder.info.full_name, d.train_split)
+  return config

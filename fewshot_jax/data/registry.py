@@ -5,7 +5,7 @@ A dataset is its own file, data/<name>.py, declaring a module-level Dataset reco
 The order of DATASETS is the order error messages list the valid names in.
 """
 
-from fewshot_jax.data import cifar, cub, mini_imagenet, omniglot, synthetic, tiered_imagenet
+from fewshot_jax.data import cifar, cub, image_folder, mini_imagenet, omniglot, synthetic, tiered_imagenet
 from fewshot_jax.data.common import Dataset
 from fewshot_jax.errors import ConfigError
 
@@ -17,6 +17,7 @@ DATASETS = (
     cifar.FC100,
     tiered_imagenet.DATASET,
     cub.DATASET,
+    image_folder.DATASET,
 )
 NAMES = tuple(d.name for d in DATASETS)
 # The dataset base_config starts from: generated, so a config runs with no files.

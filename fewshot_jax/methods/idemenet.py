@@ -50,6 +50,7 @@ from fewshot_jax import multihost
 from fewshot_jax.errors import CheckpointError, ConfigError
 from fewshot_jax.data import augment
 from fewshot_jax.data import episodes
+from fewshot_jax.data import input_pipeline
 from fewshot_jax.data import registry
 from fewshot_jax.methods import common
 from fewshot_jax.models import backbones
@@ -101,10 +102,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if mc.fix_embedding and mc.fix_deformation:
     raise ConfigError("method.fix_embedding and method.fix_deformation are both True: nothing but "
                       "the scale would train")
-  # RGB statistics; a generated dataset (no files: run to exercise the code) takes any.
-  if registry.get(config.data.name).folder is not None and len(config.data.mean) != 3:
+  check_rgb(config)
+
+
+def check_rgb(config: ml_collections.ConfigDict) -> None:
+  """RGB images and statistics (empty: the data's own, filled in later); a generated dataset (no files:
+  run to exercise the code) takes any."""
+  channels = input_pipeline.channels(config)
+  if not registry.get(config.data.name).generated and (channels != 3 or len(config.data.mean) not in (0, 3)):
     raise ConfigError(f"IDeMe-Net runs on RGB datasets; data.name={config.data.name!r} has "
-                      f"{len(config.data.mean)} channel(s)")
+                      f"{channels if channels != 3 else len(config.data.mean)} channel(s)")
 
 
 def embedding_model(config: ml_collections.ConfigDict) -> ResNet18:

@@ -42,6 +42,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"method.{key}={mc[key]!r} must be a positive integer")
   if not 0.0 <= mc.mix_prob <= 1.0:
     raise ConfigError(f"method.mix_prob={mc.mix_prob} must lie in [0, 1]")
+  idemenet.check_rgb(config)
 
 
 def build(config: ml_collections.ConfigDict) -> common.Method:
