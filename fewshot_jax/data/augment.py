@@ -1,4 +1,4 @@
-"""On-device augmentation: normalise, resize, flip, rotate, resized crop, patch mixing.
+"""On-device augmentation: normalise, resize, flip, rotate, resized crop.
 
 Everything is a pure function of a key so it runs inside the jitted step,
 vmapped over tasks. Pixel statistics are in 0..255 units, as papers state them.
@@ -14,7 +14,6 @@ import ml_collections
 import numpy as np
 
 from fewshot_jax.errors import ConfigError
-from fewshot_jax.models import deformation
 
 
 def normalise(images: jax.Array, mean, std) -> jax.Array:
@@ -235,45 +234,3 @@ def random_resized_crop(key, image: jax.Array, size: int, scale=(0.08, 1.0), rat
   """torchvision RandomResizedCrop of one [H, W, C] image -> [size, size, C] float32 (vmap for a batch)."""
   box = random_crop_box(key, image.shape[0], image.shape[1], scale, ratio)
   return crop_and_resize(image, *box, size)
-
-
-def patch_mix(key, image: jax.Array, partner: jax.Array, grid: int = 3, prob: float = 2 / 3) -> jax.Array:
-  """The deformation network's "softRandom" stage-1 augmentation of one square [H, W, C] image.
-
-  With probability `prob`, each of the grid x grid patches (deformation.patch_borders,
-  row-major) becomes w * image + (1 - w) * partner with its own w ~ U[0, 1], the
-  partner being another image of the same class; otherwise the image is returned.
-  Uses the deformation module's map and fusion so stage 1 and stage 2 cut patches
-  identically.
-  """
-  if image.shape[0] != image.shape[1]:
-    raise ValueError(f"patch_mix needs square images, got {image.shape[:2]}")
-  mix_key, weight_key = jax.random.split(key)
-  do = jax.random.bernoulli(mix_key, prob)
-  weights = jax.random.uniform(weight_key, (grid * grid,))
-  mixed = deformation.fuse(image, partner, deformation.weight_map(weights, image.shape[0], grid))
-  return jnp.where(do, mixed, image)
-
-
-def pretrain_augment(key, images: jax.Array, partners: jax.Array, *, mean, std, size: int,
-                     flip_prob: float = 0.5, mix_prob: float = 2 / 3, grid: int = 3,
-                     scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> jax.Array:
-  """The deformation network's stage-1 batch augmentation: [B, H, W, C] images + same-class partners -> [B, size, size, C].
-
-  Image and partner each get their own RandomResizedCrop and flip, then both are
-  normalised and patch-mixed. Mixing after normalising equals mixing raw pixels
-  and normalising (normalisation is affine, patch weights sum to 1), and matches
-  the reference, which fuses normalised tensors.
-  """
-  b = images.shape[0]
-  crop_i, crop_p, flip_i, flip_p, mix = jax.random.split(key, 5)
-  crop = jax.vmap(functools.partial(random_resized_crop, size=size, scale=scale, ratio=ratio))
-  images = crop(jax.random.split(crop_i, b), images)
-  partners = crop(jax.random.split(crop_p, b), partners)
-  if flip_prob > 0:
-    images = flip(flip_i, images, flip_prob)
-    partners = flip(flip_p, partners, flip_prob)
-  images = normalise(images, mean, std)
-  partners = normalise(partners, mean, std)
-  mix_fn = jax.vmap(functools.partial(patch_mix, grid=grid, prob=mix_prob))
-  return mix_fn(jax.random.split(mix, b), images, partners)

@@ -45,13 +45,12 @@ import numpy as np
 import optax
 
 from fewshot_jax import checkpoint
-from fewshot_jax import figures
-from fewshot_jax import multihost
 from fewshot_jax.errors import CheckpointError, ConfigError
 from fewshot_jax.data import augment
 from fewshot_jax.data import episodes
 from fewshot_jax.data import registry
 from fewshot_jax.methods import common
+from fewshot_jax.methods import idemenet_figures
 from fewshot_jax.models import backbones
 from fewshot_jax.models import deformation as deform_lib
 from fewshot_jax.models import layers
@@ -407,22 +406,8 @@ def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
   def predict(params, state, episode, keys):
     return predict_all_modes(params, state, episode, keys)[mc.eval_mode]
 
-  def figure_data(params, state, episode, keys):
-    return deform(params, state, episode, keys)
-
-  def write_figure(data, workdir, split, title, rows: int = 12):
-    """PNG of (probe, gallery, patch weights, deformed) of the first supports, and the mean patch
-    weight of D over all the deformed copies of the episodes (eval.tasks x supports x augnum)."""
-    probe, gallery, weights, deformed = data
-    take = lambda x: x[:, :, 0].reshape((-1,) + x.shape[3:])[:rows]  # first copy of each support
-    path = os.path.join(workdir, f"deformations_{split}.png")
-    if multihost.is_main():  # every process computed the figure's episodes; process 0 draws it
-      figures.deformation_grid(path, take(probe), take(gallery), take(weights), take(deformed),
-                               mean=config.data.mean, std=config.data.std, grid=grid, max_rows=rows, title=title)
-    return {"figure": path, "patch_weight_mean": float(np.mean(weights))}
-
   return IDeMeNetMethod("idemenet", init, loss, predict, optimizer=make_optimizer,
                         learning_rate=lambda c: _schedule(c, c.method.lr_deformation), setup=setup,
                         predict_all_modes=predict_all_modes, eval_mode=lambda c: c.method.eval_mode,
-                        figures=common.Figures(figure_data, write_figure),
+                        figures=idemenet_figures.figures(config, deform),
                         deform=deform)
