@@ -18,12 +18,6 @@ import ml_collections
 from fewshot_jax.data import registry
 from fewshot_jax.errors import ConfigError
 
-# Evaluation protocols (evaluate.py): 'standard' = eval.episodes episodes with
-# eval.queries queries per class, no augmentation; 'reference' = as the weight
-# generators' TF code: eval.reference_tasks tasks of ONE query each, training augmentation on.
-PROTOCOLS = ("standard", "reference")
-
-
 def default_manual_dir(name: str) -> str | None:
   """$FEWSHOT_DATA_DIR/<the record's folder> when set (our shipped copies), else None (TFDS download)."""
   root = os.environ.get("FEWSHOT_DATA_DIR")
@@ -83,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
       nonfinite="stop", allow_config_change=False,
       optimizer="adam", lr=1e-3, schedule="step", decay_every=2000, decay_factor=0.5, min_lr=0.0,
       warmup_steps=0, weight_decay=0.0, grad_clip=0.0, keep_checkpoints=2))
+  # eval.protocol: 'standard' (every method's: eval.episodes episodes of eval.queries queries per
+  # class, no augmentation, evaluate.py) or one of the method's own (its PROTOCOLS, e.g. 'reference',
+  # which scores eval.reference_tasks tasks).
   c.eval = ml_collections.ConfigDict(dict(
       episodes=600, split="test", queries=15, tasks=8, seed=1234, val_episodes=300,
       checkpoint="best", protocol="standard", reference_tasks=8000))
@@ -137,7 +134,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               "train.log_every": c.train.log_every, "train.steps_per_call": c.train.steps_per_call,
               "train.checkpoint_every": c.train.checkpoint_every,
               "eval.episodes": c.eval.episodes, "eval.queries": c.eval.queries,
-              "eval.tasks": c.eval.tasks, "eval.val_episodes": c.eval.val_episodes}
+              "eval.tasks": c.eval.tasks, "eval.val_episodes": c.eval.val_episodes,
+              "eval.reference_tasks": c.eval.reference_tasks}
   for key, value in positive.items():
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"{key}={value!r} must be a positive integer")
@@ -162,10 +160,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"train.nonfinite={c.train.nonfinite!r} is unknown; valid: {list(NONFINITE)}")
   if c.eval.split not in ("train", "val", "test"):
     raise ConfigError(f"eval.split={c.eval.split!r} is unknown; valid: ['train', 'val', 'test']")
-  if c.eval.protocol not in PROTOCOLS:
-    raise ConfigError(f"eval.protocol={c.eval.protocol!r} is unknown; valid: {list(PROTOCOLS)}")
-  if not isinstance(c.eval.reference_tasks, int) or c.eval.reference_tasks < 1:
-    raise ConfigError(f"eval.reference_tasks={c.eval.reference_tasks!r} must be a positive integer")
   if c.eval.checkpoint not in ("best", "latest"):
     raise ConfigError(f"eval.checkpoint={c.eval.checkpoint!r} is unknown; valid: ['best', 'latest']")
   if c.model.conv_impl not in layers.CONV_IMPLS:

@@ -177,6 +177,8 @@ def test_no_import_loop():
     ("idemenet", "pretrain", "model.backbone", "resnet50", ("model.backbone='resnet50'", "'resnet18'")),
     ("idemenet", "mini-5w1s", "model.conv_impl", "xl", ("model.conv_impl='xl'", "'xla'")),
     ("lgmnet", "omniglot-5w1s", "model.conv_impl", "xl", ("model.conv_impl='xl'", "'xla'")),
+    ("protonet", "synthetic", "eval.protocol", "reference", ("eval.protocol='reference'", "'protonet'", "'standard'")),
+    ("lgmnet", "omniglot-5w1s", "eval.protocol", "ref", ("eval.protocol='ref'", "'standard'", "'reference'")),
 ])
 def test_method_keys_are_checked_once_for_every_method(method, preset, key, value, needles):
   """A misspelled method key, a train.* key the method's optimiser ignores, a backbone the method

@@ -1,7 +1,7 @@
 """Pieces shared by methods: the Method record, episode flattening, metric helpers."""
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,8 @@ class Method:
     eval_mode(config) -> the mode that selects checkpoints and heads eval_<split>.json (a
     function of the config the evaluation runs under: the method's own knob; None: 'default').
   figures: Figures written beside an evaluation, or None.
+  protocols: {name: Protocol}, the method's own evaluation protocols beside the shared
+    STANDARD_PROTOCOL (evaluate.py); eval.protocol names one of them (checked by config.validate).
   The optional PyTorch bridge is methods/<name>_torch.py (see methods.torch_bridge).
   """
 
@@ -49,6 +51,7 @@ class Method:
   eval_mode: Callable[..., str] | None = None
   figures: "Figures | None" = None
   learning_rate: Callable[..., Any] | None = None
+  protocols: Mapping[str, "Protocol"] = dataclasses.field(default_factory=dict)
 
   def modes(self, params, state, episode, keys) -> dict:
     """{mode: logits [T, N*Q, N]} for every prediction mode (keys: [T], one per task)."""
@@ -70,6 +73,20 @@ class Figures:
 
   compute: Callable[..., Any]
   write: Callable[..., dict]
+
+
+# The evaluation protocol every method has (evaluate.py): eval.episodes episodes of eval.queries
+# queries per class, no augmentation. A method adds its own as Method.protocols.
+STANDARD_PROTOCOL = "standard"
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """An evaluation protocol: `sampling(config)` -> the keyword arguments of episodes.sample_tasks
+  (input_pipeline.episode_sampling's), `episodes(config)` -> how many episodes --mode=eval scores."""
+
+  sampling: Callable[..., dict]
+  episodes: Callable[..., int]
 
 
 def flatten_images(episode):

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fewshot_jax.data import input_pipeline
 from fewshot_jax.errors import ConfigError
 from fewshot_jax.methods import common
 from fewshot_jax.methods.matchingnet import cosine_matching
@@ -83,6 +84,18 @@ def task_noise(keys, mode: str, task_shape, ensemble_draws: int):
   = (L, Z)): a task's noise does not depend on the batch it is predicted in."""
   return jax.vmap(lambda k: draw_noise(k, mode, task_shape, ensemble_draws))(keys)
 
+
+def reference_sampling(config: ml_collections.ConfigDict) -> dict:
+  """sample_tasks' settings of the 'reference' protocol, the test of the authors' TF code: tasks of
+  ONE query, its class drawn uniformly from the task's, with the training augmentation (per-class
+  rotation) on."""
+  return input_pipeline.episode_sampling(config, training=True, queries=1, query_sampling="per_task")
+
+
+# Evaluation protocols beside the standard one (eval.protocol; Method.protocols): 'reference'
+# scores eval.reference_tasks one-query tasks.
+PROTOCOLS = {"reference": common.Protocol(sampling=reference_sampling,
+                                          episodes=lambda config: config.eval.reference_tasks)}
 
 BACKBONES = ("lgm_extractor",)  # model.backbone: the MetaNet's extractor, built here
 KEYS = ("z_dim", "context_features", "target_features", "target_kernel", "l2_eps", "bn_momentum",
@@ -223,5 +236,5 @@ def build(config: ml_collections.ConfigDict) -> LGMNetMethod:
     return generate(params, embed(params, state, episode, False)[2], noise)
 
   return LGMNetMethod("lgmnet", init, loss, predict, predict_all_modes=predict_all_modes, eval_mode=lambda c: c.method.eval_mode,
-                      log_probs=eval_log_probs, noise_shape=noise_shape,
+                      protocols=PROTOCOLS, log_probs=eval_log_probs, noise_shape=noise_shape,
                       generated_weights=generated_weights, train_log_probs=train_log_probs)
