@@ -121,6 +121,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every value once, before any work, naming the bad key: the shared sections here, the
   method's own keys (methods.check_config, declared by each method) after them."""
   from fewshot_jax import methods  # pylint: disable=g-import-not-at-top  # (imports no config)
+  from fewshot_jax.data import augment  # pylint: disable=g-import-not-at-top
   from fewshot_jax.data.episodes import PLACEMENTS, QUERY_SAMPLING  # pylint: disable=g-import-not-at-top
   from fewshot_jax.models import backbones, layers  # pylint: disable=g-import-not-at-top
   if c.data.name not in registry.NAMES:
@@ -145,13 +146,19 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not 0.0 < c.data.center_crop <= 1.0:
     raise ConfigError(f"data.center_crop={c.data.center_crop} must lie in (0, 1] (the kept fraction of the image)")
   rotation = (c.augment.rotation_order, c.augment.rotation_mode)
-  if rotation not in ROTATIONS:
+  if rotation not in augment.ROTATIONS:
     raise ConfigError(f"augment.rotation_order, augment.rotation_mode = {rotation!r} is not supported; "
-                      f"valid: {list(ROTATIONS)}")
+                      f"valid: {list(augment.ROTATIONS)}")
   if c.data.placement not in PLACEMENTS:
     raise ConfigError(f"data.placement={c.data.placement!r} is unknown; valid: {list(PLACEMENTS)}")
   if c.train.loop not in LOOPS:
     raise ConfigError(f"train.loop={c.train.loop!r} is unknown; valid: {list(LOOPS)}")
+  if c.train.schedule not in SCHEDULES:
+    raise ConfigError(f"train.schedule={c.train.schedule!r} is unknown; valid: {list(SCHEDULES)}")
+  if c.train.optimizer not in OPTIMIZERS:
+    raise ConfigError(f"train.optimizer={c.train.optimizer!r} is unknown; valid: {list(OPTIMIZERS)}")
+  if not 0.0 <= c.augment.flip_prob <= 1.0:
+    raise ConfigError(f"augment.flip_prob={c.augment.flip_prob} must lie in [0, 1]")
   if c.episode.train_ways < 0:
     raise ConfigError(f"episode.train_ways={c.episode.train_ways} must be >= 0 (0 = episode.ways)")
   if not (c.train.lr > 0 and math.isfinite(c.train.lr)):
@@ -172,9 +179,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 LOOPS = ("auto", "scan", "python")
-# (order, mode) of augment.rotate: scipy's cubic spline with edge replication
-# (the weight generators' TF code), bilinear with edge replication, bilinear with zero fill.
-ROTATIONS = ((3, "nearest"), (1, "nearest"), (1, "constant"))
+SCHEDULES = ("constant", "step", "cosine")  # train.schedule: state.SCHEDULES builds each
+OPTIMIZERS = ("adam", "adamw", "sgd")  # train.optimizer: state.OPTIMIZERS builds each
 NONFINITE = ("stop", "skip")
 # Keys a resumed run may change without train.allow_config_change: run length,
 # cadences, paths, data placement, rematerialisation (the same parameters either way) and

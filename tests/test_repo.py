@@ -110,6 +110,11 @@ def _preset_data() -> dict:
   return out
 
 
+def test_train_schedules_and_optimizers_checked_are_those_built():
+  from fewshot_jax import state  # pylint: disable=g-import-not-at-top
+  assert tuple(state.SCHEDULES) == config_lib.SCHEDULES and tuple(state.OPTIMIZERS) == config_lib.OPTIMIZERS
+
+
 def test_every_preset_keeps_its_data(monkeypatch):
   """tests/preset_data.json, written before the datasets became records, holds each preset's data.* (and
   base-class count): the records give every preset the same. A deliberate change to one rewrites the
@@ -177,6 +182,9 @@ def test_no_import_loop():
     ("idemenet", "pretrain", "model.backbone", "resnet50", ("model.backbone='resnet50'", "'resnet18'")),
     ("idemenet", "mini-5w1s", "model.conv_impl", "xl", ("model.conv_impl='xl'", "'xla'")),
     ("lgmnet", "omniglot-5w1s", "model.conv_impl", "xl", ("model.conv_impl='xl'", "'xla'")),
+    ("protonet", "synthetic", "train.schedule", "linear", ("train.schedule='linear'", "'constant'", "'cosine'")),
+    ("matchingnet", "synthetic", "train.optimizer", "rmsprop", ("train.optimizer='rmsprop'", "'adam'", "'sgd'")),
+    ("protonet", "synthetic", "augment.flip_prob", 1.5, ("augment.flip_prob=1.5", "[0, 1]")),
     ("protonet", "synthetic", "eval.protocol", "reference", ("eval.protocol='reference'", "'protonet'", "'standard'")),
     ("lgmnet", "omniglot-5w1s", "eval.protocol", "ref", ("eval.protocol='ref'", "'standard'", "'reference'")),
 ])

@@ -13,8 +13,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fewshot_jax.errors import ConfigError
-
 
 def normalise(images: jax.Array, mean, std) -> jax.Array:
   """uint8 (or float in 0..255) -> (x - mean) / std, per channel or scalar."""
@@ -44,8 +42,9 @@ def resize(images: jax.Array, size: int, center_crop: float = 1.0) -> jax.Array:
       (lead, lead + 1), jnp.array([scale, scale]), jnp.array([offset, offset]), method="linear", antialias=True)
 
 
-ROTATION_ORDERS = (1, 3)
-ROTATION_MODES = ("nearest", "constant")
+# (order, mode) of `rotate` (augment.rotation_order / rotation_mode, checked by config.validate):
+# scipy's cubic spline with edge replication, bilinear with edge replication, bilinear with zero fill.
+ROTATIONS = ((3, "nearest"), (1, "nearest"), (1, "constant"))
 _SPLINE_PAD = 12  # scipy.ndimage pads by 12 samples before its spline prefilter for mode='nearest'
 
 
@@ -108,9 +107,8 @@ def rotate(image: jax.Array, degrees: jax.Array, order: int = 3, mode: str = "ne
   bilinear; mode='constant' fills outside the image with `fill` (blank
   corners that reveal the angle: README, "Faithful to the originals").
   """
-  if order not in ROTATION_ORDERS or mode not in ROTATION_MODES or (order == 3 and mode != "nearest"):
-    raise ConfigError(f"rotation order={order!r}, mode={mode!r} is not supported; valid: order 3 with "
-                      "mode 'nearest' (scipy's, the reference), order 1 with 'nearest' or 'constant'")
+  if (order, mode) not in ROTATIONS:
+    raise ValueError(f"rotation order={order!r}, mode={mode!r} is not supported; valid: {list(ROTATIONS)}")
   h, w = image.shape[:2]
   theta = jnp.deg2rad(degrees)
   cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
@@ -167,8 +165,6 @@ def from_config(config: ml_collections.ConfigDict, ways: int, training: bool = T
   generators' TF code does. `ways` is the episode's way count (one angle per class).
   """
   aug = config.augment
-  if aug.flip_prob < 0 or aug.flip_prob > 1:
-    raise ConfigError(f"augment.flip_prob={aug.flip_prob} must lie in [0, 1]")
   return functools.partial(
       task_augment, mean=config.data.mean, std=config.data.std, size=input_size(config),
       flip_prob=aug.flip_prob if training else 0.0,

@@ -21,9 +21,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fewshot_jax.errors import ConfigError, DataError
 
-# data.placement: every device holds the whole split, or 1/D of it (load_split).
+# data.placement: every device holds the whole split, or 1/D of it (load_split; config.validate checks it).
 PLACEMENTS = ("replicated", "sharded")
-# episode.query_sampling: `queries` of every class, or `queries` per task of uniformly drawn classes.
+# episode.query_sampling: `queries` of every class, or `queries` per task of uniformly drawn classes
+# (sample_tasks; config.validate checks it).
 QUERY_SAMPLING = ("per_class", "per_task")
 
 
@@ -101,8 +102,6 @@ def load_split(builder, split: str, mesh=None, placement: str = "replicated") ->
   own devices hold, streaming the split in chunks, so host memory holds one
   process's share of the images, never the split times the process count.
   """
-  if placement not in PLACEMENTS:
-    raise ConfigError(f"data.placement={placement!r} is unknown; valid: {list(PLACEMENTS)}")
   sources = builder.as_data_source()
   if split not in sources:
     raise ConfigError(f"split {split!r} does not exist in {builder.name}/{builder.builder_config.name}; "
@@ -276,9 +275,6 @@ def sample_tasks(task_keys, dataset: DeviceDataset, *, ways: int, shots: int, qu
   every class) or 'per_task' (`queries` per task, classes drawn uniformly).
   disjoint=False: queries may repeat supports (see `_sample_task`).
   """
-  if query_sampling not in QUERY_SAMPLING:
-    raise ConfigError(f"episode.query_sampling={query_sampling!r} is unknown; "
-                      f"valid: {list(QUERY_SAMPLING)}")
   per_task = query_sampling == "per_task"
   tables = (dataset.class_index, dataset.class_counts, dataset.class_ids)
 
