@@ -54,17 +54,18 @@ def base_config() -> ml_collections.ConfigDict:
       # gathered from their owners inside the step (data/episodes.take_images).
       placement="replicated"))
   # class_rotations: one angle per class of a task, drawn from this list. The
-  # rotation is scipy.ndimage.rotate(reshape=False, mode='nearest') as the weight
-  # generators' TF code (rotation_order 3: cubic spline; edge pixels replicated); order 1 with
-  # rotation_mode 'constant' is the bilinear zero-fill rotation, whose blank corners give the angle away.
+  # rotation is scipy.ndimage.rotate(reshape=False, mode='nearest') (rotation_order 3: cubic
+  # spline; edge pixels replicated); order 1 with rotation_mode 'constant' is the bilinear
+  # zero-fill rotation, whose blank corners give the angle away. Which original code does
+  # what (here and in episode.*): docs/faithful.md.
   c.augment = ml_collections.ConfigDict(dict(flip_prob=0.0, class_rotations=(), rotation_order=3,
                                              rotation_mode="nearest"))
   # episode.* is the task trained on and evaluated; train_ways (0 = ways) trains
   # on higher-way episodes, as Snell et al. do on ink characters. query_sampling
   # 'per_class': `queries` queries of every class; 'per_task': `queries` per task,
-  # each of a class drawn uniformly (the weight generators' TF code trains on one per task).
+  # each of a class drawn uniformly (an original that trains on one query per task).
   # disjoint_queries=False draws queries independently of the supports (a query may
-  # repeat a support image), as the deformation network's PyTorch code does, in training and evaluation.
+  # repeat a support image), as an original does, in training and evaluation.
   c.episode = ml_collections.ConfigDict(dict(ways=5, shots=1, queries=5, tasks=1, train_ways=0,
                                              query_sampling="per_class", disjoint_queries=True))
   # train.checkpoint_every: the latest checkpoint's own cadence (it is also

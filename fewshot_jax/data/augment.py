@@ -26,7 +26,7 @@ def resize(images: jax.Array, size: int, center_crop: float = 1.0) -> jax.Array:
 
   center_crop < 1 keeps the central fraction of the image: torchvision's
   Resize(round(size / center_crop)) + CenterCrop(size) (0.875: Resize 256 +
-  CenterCrop 224, the deformation network's PyTorch test transform), one resampling.
+  CenterCrop 224, a common PyTorch test transform), one resampling.
   """
   if center_crop == 1.0:
     if images.shape[-3:-1] == (size, size):
@@ -102,10 +102,10 @@ def rotate(image: jax.Array, degrees: jax.Array, order: int = 3, mode: str = "ne
   """Rotates one [H, W, C] image counterclockwise about its centre, keeping its shape.
 
   order=3, mode='nearest' is scipy.ndimage.rotate(image, degrees, reshape=False,
-  mode='nearest') (its defaults: cubic spline, prefiltered), what the weight
-  generators' TF code uses: edge pixels are replicated, so no corner is blank. order=1 is
-  bilinear; mode='constant' fills outside the image with `fill` (blank
-  corners that reveal the angle: README, "Faithful to the originals").
+  mode='nearest') (its defaults: cubic spline, prefiltered): edge pixels are
+  replicated, so no corner is blank. order=1 is bilinear; mode='constant' fills
+  outside the image with `fill` (blank corners that reveal the angle: README,
+  "Faithful to the originals"; docs/faithful.md).
   """
   if (order, mode) not in ROTATIONS:
     raise ValueError(f"rotation order={order!r}, mode={mode!r} is not supported; valid: {list(ROTATIONS)}")
@@ -160,9 +160,9 @@ def from_config(config: ml_collections.ConfigDict, ways: int, training: bool = T
   training=False is the standard evaluation protocol: normalise and resize only.
   Per-class rotation must not reach standard evaluation: the angle (and the
   black corners it leaves) is shared by a class's supports and queries, so a
-  model can match on it instead of on content (measured on the weight generator, README).
-  The `reference` protocol of evaluate.py passes training=True, as the weight
-  generators' TF code does. `ways` is the episode's way count (one angle per class).
+  model can match on it instead of on content (measured, README). A method's own
+  protocol may evaluate with training=True (common.Protocol), as an original does.
+  `ways` is the episode's way count (one angle per class).
   """
   aug = config.augment
   return functools.partial(

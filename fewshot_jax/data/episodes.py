@@ -211,10 +211,10 @@ def _sample_task(key, tables, ways: int, shots: int, queries: int, per_task: boo
 
   tables: (class_index, class_counts, class_ids) of a DeviceDataset. per_task:
   the task has Q queries in all (not Q per class), each of a class drawn
-  uniformly, as the weight generators' TF code's one query per task; a class's queries are
-  still distinct images. disjoint=False draws queries independently of the
-  supports, so a query may repeat a support image (the deformation
-  network's PyTorch episodes; a small optimistic bias).
+  uniformly (an original's one query per task); a class's queries are still
+  distinct images. disjoint=False draws queries independently of the supports,
+  so a query may repeat a support image (an original's episodes; a small
+  optimistic bias). Which original does which: docs/faithful.md.
   """
   class_index, class_counts, class_ids = tables
   class_key, image_key = jax.random.split(key)
