@@ -95,7 +95,7 @@ def standard_episode_batches(config: ml_collections.ConfigDict, dataset, num_epi
   """(batches, predict key): evaluate.Evaluator's standard-protocol episodes of `dataset`, eval.tasks
   at a time, for comparing variables that are not in a workdir (tests, notebooks)."""
   sample_key, predict_key = evaluate.episode_keys(config)
-  sampling = evaluate.protocol_sampling(config, "standard")
+  sampling = evaluate.standard_sampling(config)
   sample = jax.jit(lambda ds, start: evaluate.sample_batch(sample_key, ds, start, config.eval.tasks, **sampling))
   return (sample(dataset, start) for start in range(0, num_episodes, config.eval.tasks)), predict_key
 

@@ -18,12 +18,6 @@ import ml_collections
 from fewshot_jax.data import registry
 from fewshot_jax.errors import ConfigError
 
-# Evaluation protocols (evaluate.py): 'standard' = eval.episodes episodes with
-# eval.queries queries per class, no augmentation; 'reference' = as the weight
-# generators' TF code: eval.reference_tasks tasks of ONE query each, training augmentation on.
-PROTOCOLS = ("standard", "reference")
-
-
 def default_manual_dir(name: str) -> str | None:
   """$FEWSHOT_DATA_DIR/<the record's folder> when set (our shipped copies), else None (TFDS download)."""
   root = os.environ.get("FEWSHOT_DATA_DIR")
@@ -60,17 +54,18 @@ def base_config() -> ml_collections.ConfigDict:
       # gathered from their owners inside the step (data/episodes.take_images).
       placement="replicated"))
   # class_rotations: one angle per class of a task, drawn from this list. The
-  # rotation is scipy.ndimage.rotate(reshape=False, mode='nearest') as the weight
-  # generators' TF code (rotation_order 3: cubic spline; edge pixels replicated); order 1 with
-  # rotation_mode 'constant' is the bilinear zero-fill rotation, whose blank corners give the angle away.
+  # rotation is scipy.ndimage.rotate(reshape=False, mode='nearest') (rotation_order 3: cubic
+  # spline; edge pixels replicated); order 1 with rotation_mode 'constant' is the bilinear
+  # zero-fill rotation, whose blank corners give the angle away. Which original code does
+  # what (here and in episode.*): docs/faithful.md.
   c.augment = ml_collections.ConfigDict(dict(flip_prob=0.0, class_rotations=(), rotation_order=3,
                                              rotation_mode="nearest"))
   # episode.* is the task trained on and evaluated; train_ways (0 = ways) trains
   # on higher-way episodes, as Snell et al. do on ink characters. query_sampling
   # 'per_class': `queries` queries of every class; 'per_task': `queries` per task,
-  # each of a class drawn uniformly (the weight generators' TF code trains on one per task).
+  # each of a class drawn uniformly (an original that trains on one query per task).
   # disjoint_queries=False draws queries independently of the supports (a query may
-  # repeat a support image), as the deformation network's PyTorch code does, in training and evaluation.
+  # repeat a support image), as an original does, in training and evaluation.
   c.episode = ml_collections.ConfigDict(dict(ways=5, shots=1, queries=5, tasks=1, train_ways=0,
                                              query_sampling="per_class", disjoint_queries=True))
   # train.checkpoint_every: the latest checkpoint's own cadence (it is also
@@ -83,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
       nonfinite="stop", allow_config_change=False,
       optimizer="adam", lr=1e-3, schedule="step", decay_every=2000, decay_factor=0.5, min_lr=0.0,
       warmup_steps=0, weight_decay=0.0, grad_clip=0.0, keep_checkpoints=2))
+  # eval.protocol: 'standard' (every method's: eval.episodes episodes of eval.queries queries per
+  # class, no augmentation, evaluate.py) or one of the method's own (its PROTOCOLS, e.g. 'reference',
+  # which scores eval.reference_tasks tasks).
   c.eval = ml_collections.ConfigDict(dict(
       episodes=600, split="test", queries=15, tasks=8, seed=1234, val_episodes=300,
       checkpoint="best", protocol="standard", reference_tasks=8000))
@@ -128,6 +126,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every value once, before any work, naming the bad key: the shared sections here, the
   method's own keys (methods.check_config, declared by each method) after them."""
   from fewshot_jax import methods  # pylint: disable=g-import-not-at-top  # (imports no config)
+  from fewshot_jax.data import augment  # pylint: disable=g-import-not-at-top
   from fewshot_jax.data.episodes import PLACEMENTS, QUERY_SAMPLING  # pylint: disable=g-import-not-at-top
   from fewshot_jax.models import backbones, layers  # pylint: disable=g-import-not-at-top
   if c.data.name not in registry.NAMES:
@@ -141,7 +140,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               "train.log_every": c.train.log_every, "train.steps_per_call": c.train.steps_per_call,
               "train.checkpoint_every": c.train.checkpoint_every,
               "eval.episodes": c.eval.episodes, "eval.queries": c.eval.queries,
-              "eval.tasks": c.eval.tasks, "eval.val_episodes": c.eval.val_episodes}
+              "eval.tasks": c.eval.tasks, "eval.val_episodes": c.eval.val_episodes,
+              "eval.reference_tasks": c.eval.reference_tasks}
   for key, value in positive.items():
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"{key}={value!r} must be a positive integer")
@@ -154,13 +154,19 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not 0.0 < c.data.center_crop <= 1.0:
     raise ConfigError(f"data.center_crop={c.data.center_crop} must lie in (0, 1] (the kept fraction of the image)")
   rotation = (c.augment.rotation_order, c.augment.rotation_mode)
-  if rotation not in ROTATIONS:
+  if rotation not in augment.ROTATIONS:
     raise ConfigError(f"augment.rotation_order, augment.rotation_mode = {rotation!r} is not supported; "
-                      f"valid: {list(ROTATIONS)}")
+                      f"valid: {list(augment.ROTATIONS)}")
   if c.data.placement not in PLACEMENTS:
     raise ConfigError(f"data.placement={c.data.placement!r} is unknown; valid: {list(PLACEMENTS)}")
   if c.train.loop not in LOOPS:
     raise ConfigError(f"train.loop={c.train.loop!r} is unknown; valid: {list(LOOPS)}")
+  if c.train.schedule not in SCHEDULES:
+    raise ConfigError(f"train.schedule={c.train.schedule!r} is unknown; valid: {list(SCHEDULES)}")
+  if c.train.optimizer not in OPTIMIZERS:
+    raise ConfigError(f"train.optimizer={c.train.optimizer!r} is unknown; valid: {list(OPTIMIZERS)}")
+  if not 0.0 <= c.augment.flip_prob <= 1.0:
+    raise ConfigError(f"augment.flip_prob={c.augment.flip_prob} must lie in [0, 1]")
   if c.episode.train_ways < 0 or c.episode.train_ways == 1:
     raise ConfigError(f"episode.train_ways={c.episode.train_ways} must be 0 (= episode.ways) or >= 2")
   if not (c.train.lr > 0 and math.isfinite(c.train.lr)):
@@ -169,10 +175,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"train.nonfinite={c.train.nonfinite!r} is unknown; valid: {list(NONFINITE)}")
   if c.eval.split not in ("train", "val", "test"):
     raise ConfigError(f"eval.split={c.eval.split!r} is unknown; valid: ['train', 'val', 'test']")
-  if c.eval.protocol not in PROTOCOLS:
-    raise ConfigError(f"eval.protocol={c.eval.protocol!r} is unknown; valid: {list(PROTOCOLS)}")
-  if not isinstance(c.eval.reference_tasks, int) or c.eval.reference_tasks < 1:
-    raise ConfigError(f"eval.reference_tasks={c.eval.reference_tasks!r} must be a positive integer")
   if c.eval.checkpoint not in ("best", "latest"):
     raise ConfigError(f"eval.checkpoint={c.eval.checkpoint!r} is unknown; valid: ['best', 'latest']")
   if c.model.conv_impl not in layers.CONV_IMPLS:
@@ -185,9 +187,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 LOOPS = ("auto", "scan", "python")
-# (order, mode) of augment.rotate: scipy's cubic spline with edge replication
-# (the weight generators' TF code), bilinear with edge replication, bilinear with zero fill.
-ROTATIONS = ((3, "nearest"), (1, "nearest"), (1, "constant"))
+SCHEDULES = ("constant", "step", "cosine")  # train.schedule: state.SCHEDULES builds each
+OPTIMIZERS = ("adam", "adamw", "sgd")  # train.optimizer: state.OPTIMIZERS builds each
 NONFINITE = ("stop", "skip")
 # Keys a resumed run may change without train.allow_config_change: run length,
 # cadences, paths, data placement, rematerialisation (the same parameters either way) and

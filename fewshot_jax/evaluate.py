@@ -26,15 +26,13 @@ import ml_collections
 import numpy as np
 
 from fewshot_jax import checkpoint
-from fewshot_jax import config as config_lib
 from fewshot_jax import multihost
 from fewshot_jax import restore
 from fewshot_jax import sharding
 from fewshot_jax import watchdog
-from fewshot_jax.data import augment as augment_lib
 from fewshot_jax.data import episodes
 from fewshot_jax.data import input_pipeline
-from fewshot_jax.errors import ConfigError
+from fewshot_jax.methods import common
 
 
 def summarize(per_episode: np.ndarray) -> dict:
@@ -56,13 +54,18 @@ def indexed_keys(key, start, tasks: int):
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(tasks))
 
 
-def protocol_sampling(config: ml_collections.ConfigDict, protocol: str) -> dict:
-  """sample_tasks' settings of an evaluation protocol (see Evaluator)."""
-  reference = protocol == "reference"
-  ways = config.episode.ways
-  return dict(ways=ways, shots=config.episode.shots, queries=1 if reference else config.eval.queries,
-              augment=augment_lib.from_config(config, ways, training=reference),
-              query_sampling="per_task" if reference else "per_class", disjoint=config.episode.disjoint_queries)
+def standard_sampling(config: ml_collections.ConfigDict) -> dict:
+  """sample_tasks' settings of the standard protocol: eval.queries queries of every class, no augmentation."""
+  return input_pipeline.episode_sampling(config, training=False, queries=config.eval.queries,
+                                         query_sampling="per_class")
+
+
+STANDARD = common.Protocol(sampling=standard_sampling, episodes=lambda config: config.eval.episodes)
+
+
+def protocols(method) -> dict:
+  """{name: common.Protocol} of the protocols `method` is evaluated under: the standard one and its own."""
+  return {common.STANDARD_PROTOCOL: STANDARD, **method.protocols}
 
 
 def sample_batch(sample_key, dataset, start, tasks: int, **sampling):
@@ -74,10 +77,9 @@ class Evaluator:
   """Scores (params, model_state) on `num_episodes` episodes of one split under one protocol.
 
   'standard': N-way K-shot episodes with eval.queries queries per class and no
-  augmentation. 'reference' (the weight generators' TF code's test): tasks with ONE query,
-  drawn uniformly from the task's classes, and the training augmentation
-  (per-class rotation) applied. Every prediction mode of the method is scored
-  on the same episodes and the same noise.
+  augmentation; a method may add its own (Method.protocols: how their episodes are
+  sampled and how many --mode=eval scores). Every prediction mode of the method is
+  scored on the same episodes and the same noise.
   """
 
   def __init__(self, method, config: ml_collections.ConfigDict, mesh, split: str, num_episodes: int,
@@ -86,23 +88,19 @@ class Evaluator:
       dataset = input_pipeline.load(config, split, mesh)
     self.dataset = dataset
     self.mesh = mesh
-    self.protocol = protocol or config.eval.protocol
-    if self.protocol not in config_lib.PROTOCOLS:
-      raise ConfigError(f"eval.protocol={self.protocol!r} is unknown; valid: {list(config_lib.PROTOCOLS)}")
-    reference = self.protocol == "reference"
-    ways, shots = config.episode.ways, config.episode.shots
-    queries = 1 if reference else config.eval.queries
-    episodes.check_episode_fits(self.dataset, ways, shots, queries, split,
+    self.protocol = protocol or config.eval.protocol  # config.validate checked eval.protocol
+    sampling = protocols(method)[self.protocol].sampling(config)
+    ways, queries = sampling["ways"], sampling["queries"]
+    episodes.check_episode_fits(self.dataset, ways, sampling["shots"], queries, split,
                                 ("episode.ways", "episode.shots", "eval.queries"))
     self.tasks = config.eval.tasks
     sharding.check_tasks_divisible(self.tasks, mesh, "eval.tasks")
     self.num_episodes = num_episodes
-    self.queries = 1 if reference else queries * ways  # per episode
+    self.queries = queries if sampling["query_sampling"] == "per_task" else queries * ways  # per episode
     self.default_mode = method.checkpoint_mode(config)
     batch_sharding = sharding.task_sharded(mesh)
     sample_key, predict_key = episode_keys(config)
     self.predict_key = predict_key
-    sampling = protocol_sampling(config, self.protocol)
 
     def sample(dataset, start):
       episode = sample_batch(sample_key, dataset, start, self.tasks, **sampling)
@@ -149,13 +147,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, watch=N
 
   Adds the result to <workdir>/eval_<split>.json under `result_key` (protocol,
   task, queries, checkpoint), so evaluations of other tasks or protocols
-  accumulate beside it. The standard protocol scores eval.episodes episodes,
-  the reference protocol eval.reference_tasks tasks. `watch` (watchdog.Watchdog) bounds the scoring.
+  accumulate beside it. The protocol says how many episodes it scores (the standard
+  one eval.episodes). `watch` (watchdog.Watchdog) bounds the scoring.
   """
   config, mesh = sharding.setup(config)
   method, state = restore.load_for_eval(config, workdir, mesh, config.eval.checkpoint)
-  protocol = config.eval.protocol
-  num = config.eval.reference_tasks if protocol == "reference" else config.eval.episodes
+  num = protocols(method)[config.eval.protocol].episodes(config)
   evaluator = Evaluator(method, config, mesh, config.eval.split, num)
   with (watch or watchdog.NoWatchdog()).phase(f"the {config.eval.split} evaluation"):
     result = {"method": config.method.name, "dataset": config.data.name, "split": config.eval.split,
@@ -185,16 +182,14 @@ def result_key(result: dict) -> str:
 
 
 def write_figures(method, state, config, evaluator: Evaluator, workdir: str) -> dict:
-  """The method's evaluation figures, on the evaluator's first eval.tasks episodes (standard
-  sampling, one query per class), so the figure of every checkpoint shows the same supports."""
-  ways, shots = config.episode.ways, config.episode.shots
-  aug = augment_lib.from_config(config, ways, training=False)
+  """The method's evaluation figures, on the first eval.tasks episodes of the standard protocol
+  (with one query per class), so the figure of every checkpoint shows the same supports."""
+  sampling = {**standard_sampling(config), "queries": 1}
   sample_key, _ = episode_keys(config)
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(evaluator.mesh))  # readable by every process
   def figure_data(params, model_state, dataset):
-    episode = sample_batch(sample_key, dataset, 0, config.eval.tasks, ways=ways, shots=shots, queries=1,
-                           augment=aug)
+    episode = sample_batch(sample_key, dataset, 0, config.eval.tasks, **sampling)
     keys = jax.random.split(jax.random.key(config.eval.seed), config.eval.tasks)  # one per task
     return method.figures.compute(params, model_state, episode, keys)
 

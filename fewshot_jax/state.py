@@ -9,8 +9,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from fewshot_jax.errors import ConfigError
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -20,17 +18,24 @@ class TrainState:
   opt_state: Any
 
 
+# train.schedule -> its optax schedule of train.* (config.SCHEDULES: config.validate checks the name).
+SCHEDULES = {
+    "constant": lambda tc: optax.constant_schedule(tc.lr),
+    "step": lambda tc: optax.exponential_decay(tc.lr, tc.decay_every, tc.decay_factor, staircase=True,
+                                               end_value=tc.get("min_lr") or None),
+    "cosine": lambda tc: optax.cosine_decay_schedule(tc.lr, max(1, tc.steps - tc.warmup_steps)),
+}
+# train.optimizer -> its optax optimiser of (schedule, train.*) (config.OPTIMIZERS, likewise checked).
+OPTIMIZERS = {
+    "adam": lambda schedule, tc: optax.adam(schedule),
+    "adamw": lambda schedule, tc: optax.adamw(schedule, weight_decay=tc.weight_decay),
+    "sgd": lambda schedule, tc: optax.sgd(schedule, momentum=0.9, nesterov=True),
+}
+
+
 def learning_rate_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
   """optax schedule from train.schedule: 'constant', 'step' (staircase decay), 'cosine'."""
-  if tc.schedule == "constant":
-    schedule = optax.constant_schedule(tc.lr)
-  elif tc.schedule == "step":
-    schedule = optax.exponential_decay(tc.lr, tc.decay_every, tc.decay_factor, staircase=True,
-                                       end_value=tc.get("min_lr") or None)
-  elif tc.schedule == "cosine":
-    schedule = optax.cosine_decay_schedule(tc.lr, max(1, tc.steps - tc.warmup_steps))
-  else:
-    raise ConfigError(f"train.schedule={tc.schedule!r} is unknown; valid: ['constant', 'step', 'cosine']")
+  schedule = SCHEDULES[tc.schedule](tc)
   if tc.warmup_steps:
     warmup = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
     schedule = optax.join_schedules([warmup, schedule], [tc.warmup_steps])
@@ -40,14 +45,7 @@ def learning_rate_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   tc = config.train
   schedule = learning_rate_schedule(tc)
-  if tc.optimizer == "adam":
-    opt = optax.adam(schedule)
-  elif tc.optimizer == "adamw":
-    opt = optax.adamw(schedule, weight_decay=tc.weight_decay)
-  elif tc.optimizer == "sgd":
-    opt = optax.sgd(schedule, momentum=0.9, nesterov=True)
-  else:
-    raise ConfigError(f"train.optimizer={tc.optimizer!r} is unknown; valid: ['adam', 'adamw', 'sgd']")
+  opt = OPTIMIZERS[tc.optimizer](schedule, tc)
   if tc.grad_clip:
     opt = optax.chain(optax.clip_by_global_norm(tc.grad_clip), opt)
   return opt

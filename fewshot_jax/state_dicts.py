@@ -188,14 +188,6 @@ class Spec:
     if num_classes:
       self.linear(f"{prefix}fc", at("fc"), num_classes, 512)
 
-  def deformation(self, encoder, to_weight, path, grid, image_size, channels=(32, 64, 64, 32, 16)):
-    side, inp = image_size, 6
-    for i, c in enumerate(channels):
-      self.conv(f"{encoder}{i}.0", path + (f"encoder_{i}", "conv"), c, inp, 3, bias=True)
-      self.batchnorm(f"{encoder}{i}.1", path + (f"encoder_{i}", "bn"), c)
-      inp, side = c, side // 2
-    self.linear(to_weight, path + ("to_weight",), grid * grid, inp * side * side)
-
   def flax_names(self, shapes):
     """Keys for a model whose torch attribute names are its Flax module names (torch_reference
     ports): params/a/b/kernel -> a.b.weight (conv HWIO -> OIHW, dense [in, out] -> [out, in]),

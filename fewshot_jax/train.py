@@ -41,7 +41,6 @@ from fewshot_jax import preemption
 from fewshot_jax import sharding
 from fewshot_jax import state as state_lib
 from fewshot_jax import watchdog
-from fewshot_jax.data import augment as augment_lib
 from fewshot_jax.data import episodes
 from fewshot_jax.data import input_pipeline
 from fewshot_jax.errors import ConfigError, TrainingDiverged, UnreadableCheckpoint
@@ -50,11 +49,8 @@ from fewshot_jax.models import layers
 
 def make_step(method, tx, config, mesh) -> Callable:
   """The pure training step: (state, dataset, base_key) -> (state, metrics)."""
-  ways = config_lib.train_ways(config)
-  aug = augment_lib.from_config(config, ways)
-  sampling = dict(tasks=config.episode.tasks, ways=ways, shots=config.episode.shots,
-                  queries=config.episode.queries, augment=aug, query_sampling=config.episode.query_sampling,
-                  disjoint=config.episode.disjoint_queries)
+  sampling = dict(tasks=config.episode.tasks,
+                  **input_pipeline.episode_sampling(config, training=True, ways=config_lib.train_ways(config)))
   batch_sharding = sharding.task_sharded(mesh)
   skip_nonfinite = config.train.nonfinite == "skip"
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fewshot_jax.data import augment
+from fewshot_jax.methods import idemenet_pretrain
 from fewshot_jax.models import deformation
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -89,7 +90,7 @@ def test_patch_mix_one_weight_per_patch(size, grid):
   k1, k2 = jax.random.split(jax.random.PRNGKey(7))
   image = 1 + jax.random.uniform(k1, (size, size, 3))
   partner = -1 - jax.random.uniform(k2, (size, size, 3))  # differs from image everywhere
-  mix = jax.jit(jax.vmap(functools.partial(augment.patch_mix, grid=grid, prob=1.0), in_axes=(0, None, None)))
+  mix = jax.jit(jax.vmap(functools.partial(idemenet_pretrain.patch_mix, grid=grid, prob=1.0), in_axes=(0, None, None)))
   outs = mix(jax.random.split(jax.random.PRNGKey(8), 4), image, partner)
   borders = deformation.patch_borders(size, grid)
   for out in np.asarray(outs):
@@ -111,7 +112,7 @@ def test_patch_mix_rate():
   image = 2 + jax.random.uniform(k1, (6, 6, 1))
   partner = jax.random.uniform(k2, (6, 6, 1))  # below image everywhere: any mixed patch changes
   keys = jax.random.split(jax.random.PRNGKey(11), 3000)
-  mix = jax.jit(jax.vmap(lambda k, prob: augment.patch_mix(k, image, partner, prob=prob), in_axes=(0, None)))
+  mix = jax.jit(jax.vmap(lambda k, prob: idemenet_pretrain.patch_mix(k, image, partner, prob=prob), in_axes=(0, None)))
   for prob in (0.0, 1.0, 2 / 3):
     outs = np.asarray(mix(keys, prob))
     if prob == 0.0:
@@ -127,7 +128,7 @@ def test_pretrain_augment_shape_and_affine_commute():
   images = jax.random.randint(k1, (6, 20, 20, 3), 0, 256).astype(jnp.uint8)
   partners = jax.random.randint(k2, (6, 20, 20, 3), 0, 256).astype(jnp.uint8)
   # mean / std traced, so both calls share one compilation; mix_prob=1 so every image is mixed
-  aug = jax.jit(lambda mean, std: augment.pretrain_augment(
+  aug = jax.jit(lambda mean, std: idemenet_pretrain.pretrain_augment(
       key, images, partners, mean=mean, std=std, size=16, mix_prob=1.0))
   out = aug(jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD))
   assert out.shape == (6, 16, 16, 3) and out.dtype == jnp.float32

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fewshot_jax import figures
+from fewshot_jax.methods import idemenet_figures as figures
 from fewshot_jax.models.deformation import patch_borders
 
 MEAN = (123.675, 116.28, 103.53)

@@ -52,13 +52,18 @@ def test_steps_benchmark_reports_compiled_cost(tmp_path):
   assert rows[1]["temp_bytes"] < rows[0]["temp_bytes"]  # bfloat16 activations take less room
 
 
-_METHOD_NAMES = re.compile(r"idemenet|lgmnet|protonet|matchingnet|IDeMe|LGM", re.IGNORECASE)
+_METHOD_NAMES = re.compile(r"idemenet|lgmnet|protonet|matchingnet|IDeMe|LGM"
+                           # and what describes one method's parts instead of naming it
+                           r"|weight.generator|deformation|meta.?net|gnet|patch.?mix|soft.?random|TF code",
+                           re.IGNORECASE)
 _METHOD_HOMES = ("methods", "models", "torch_reference")  # and configs/, outside the package
 
 
 def test_no_method_is_named_outside_its_own_files():
   """Entry points and shared modules learn what a method can do from its Method record: no method
-  name (and no getattr on a method) outside methods/, models/, torch_reference/ and configs/."""
+  name, no description of one method's parts ('the weight generator', 'the deformation network',
+  'patch mixing', ...) and no getattr on a method outside methods/, models/, torch_reference/ and
+  configs/."""
   files = [REPO / "launch.py"] + [p for p in sorted((REPO / "fewshot_jax").rglob("*"))
                                   if p.is_file() and p.suffix in (".py", ".txt", ".csv", ".md")
                                   and p.relative_to(REPO / "fewshot_jax").parts[0] not in _METHOD_HOMES]
@@ -110,6 +115,11 @@ def _preset_data() -> dict:
       if "num_classes" in c["method"]:
         out[f"{path.name}:{preset}"]["method.num_classes"] = c["method"]["num_classes"]
   return out
+
+
+def test_train_schedules_and_optimizers_checked_are_those_built():
+  from fewshot_jax import state  # pylint: disable=g-import-not-at-top
+  assert tuple(state.SCHEDULES) == config_lib.SCHEDULES and tuple(state.OPTIMIZERS) == config_lib.OPTIMIZERS
 
 
 def test_every_preset_keeps_its_data(monkeypatch):
@@ -179,6 +189,11 @@ def test_no_import_loop():
     ("idemenet", "pretrain", "model.backbone", "resnet50", ("model.backbone='resnet50'", "'resnet18'")),
     ("idemenet", "mini-5w1s", "model.conv_impl", "xl", ("model.conv_impl='xl'", "'xla'")),
     ("lgmnet", "omniglot-5w1s", "model.conv_impl", "xl", ("model.conv_impl='xl'", "'xla'")),
+    ("protonet", "synthetic", "train.schedule", "linear", ("train.schedule='linear'", "'constant'", "'cosine'")),
+    ("matchingnet", "synthetic", "train.optimizer", "rmsprop", ("train.optimizer='rmsprop'", "'adam'", "'sgd'")),
+    ("protonet", "synthetic", "augment.flip_prob", 1.5, ("augment.flip_prob=1.5", "[0, 1]")),
+    ("protonet", "synthetic", "eval.protocol", "reference", ("eval.protocol='reference'", "'protonet'", "'standard'")),
+    ("lgmnet", "omniglot-5w1s", "eval.protocol", "ref", ("eval.protocol='ref'", "'standard'", "'reference'")),
 ])
 def test_method_keys_are_checked_once_for_every_method(method, preset, key, value, needles):
   """A misspelled method key, a train.* key the method's optimiser ignores, a backbone the method

@@ -1,4 +1,4 @@
-"""On-device augmentation: normalise, resize, flip, rotate, resized crop, patch mixing.
+"""On-device augmentation: normalise, resize, flip, rotate, resized crop.
 
 Everything is a pure function of a key so it runs inside the jitted step,
 vmapped over tasks. Pixel statistics are in 0..255 units, as papers state them.
@@ -13,9 +13,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fewshot_jax.errors import ConfigError
-from fewshot_jax.models import deformation
-
 
 def normalise(images: jax.Array, mean, std) -> jax.Array:
   """uint8 (or float in 0..255) -> (x - mean) / std, per channel or scalar."""
@@ -29,7 +26,7 @@ def resize(images: jax.Array, size: int, center_crop: float = 1.0) -> jax.Array:
 
   center_crop < 1 keeps the central fraction of the image: torchvision's
   Resize(round(size / center_crop)) + CenterCrop(size) (0.875: Resize 256 +
-  CenterCrop 224, the deformation network's PyTorch test transform), one resampling.
+  CenterCrop 224, a common PyTorch test transform), one resampling.
   """
   if center_crop == 1.0:
     if images.shape[-3:-1] == (size, size):
@@ -45,8 +42,9 @@ def resize(images: jax.Array, size: int, center_crop: float = 1.0) -> jax.Array:
       (lead, lead + 1), jnp.array([scale, scale]), jnp.array([offset, offset]), method="linear", antialias=True)
 
 
-ROTATION_ORDERS = (1, 3)
-ROTATION_MODES = ("nearest", "constant")
+# (order, mode) of `rotate` (augment.rotation_order / rotation_mode, checked by config.validate):
+# scipy's cubic spline with edge replication, bilinear with edge replication, bilinear with zero fill.
+ROTATIONS = ((3, "nearest"), (1, "nearest"), (1, "constant"))
 _SPLINE_PAD = 12  # scipy.ndimage pads by 12 samples before its spline prefilter for mode='nearest'
 
 
@@ -104,14 +102,13 @@ def rotate(image: jax.Array, degrees: jax.Array, order: int = 3, mode: str = "ne
   """Rotates one [H, W, C] image counterclockwise about its centre, keeping its shape.
 
   order=3, mode='nearest' is scipy.ndimage.rotate(image, degrees, reshape=False,
-  mode='nearest') (its defaults: cubic spline, prefiltered), what the weight
-  generators' TF code uses: edge pixels are replicated, so no corner is blank. order=1 is
-  bilinear; mode='constant' fills outside the image with `fill` (blank
-  corners that reveal the angle: README, "Faithful to the originals").
+  mode='nearest') (its defaults: cubic spline, prefiltered): edge pixels are
+  replicated, so no corner is blank. order=1 is bilinear; mode='constant' fills
+  outside the image with `fill` (blank corners that reveal the angle: README,
+  "Faithful to the originals"; docs/faithful.md).
   """
-  if order not in ROTATION_ORDERS or mode not in ROTATION_MODES or (order == 3 and mode != "nearest"):
-    raise ConfigError(f"rotation order={order!r}, mode={mode!r} is not supported; valid: order 3 with "
-                      "mode 'nearest' (scipy's, the reference), order 1 with 'nearest' or 'constant'")
+  if (order, mode) not in ROTATIONS:
+    raise ValueError(f"rotation order={order!r}, mode={mode!r} is not supported; valid: {list(ROTATIONS)}")
   h, w = image.shape[:2]
   theta = jnp.deg2rad(degrees)
   cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
@@ -163,13 +160,11 @@ def from_config(config: ml_collections.ConfigDict, ways: int, training: bool = T
   training=False is the standard evaluation protocol: normalise and resize only.
   Per-class rotation must not reach standard evaluation: the angle (and the
   black corners it leaves) is shared by a class's supports and queries, so a
-  model can match on it instead of on content (measured on the weight generator, README).
-  The `reference` protocol of evaluate.py passes training=True, as the weight
-  generators' TF code does. `ways` is the episode's way count (one angle per class).
+  model can match on it instead of on content (measured, README). A method's own
+  protocol may evaluate with training=True (common.Protocol), as an original does.
+  `ways` is the episode's way count (one angle per class).
   """
   aug = config.augment
-  if aug.flip_prob < 0 or aug.flip_prob > 1:
-    raise ConfigError(f"augment.flip_prob={aug.flip_prob} must lie in [0, 1]")
   return functools.partial(
       task_augment, mean=config.data.mean, std=config.data.std, size=input_size(config),
       flip_prob=aug.flip_prob if training else 0.0,
@@ -235,45 +230,3 @@ def random_resized_crop(key, image: jax.Array, size: int, scale=(0.08, 1.0), rat
   """torchvision RandomResizedCrop of one [H, W, C] image -> [size, size, C] float32 (vmap for a batch)."""
   box = random_crop_box(key, image.shape[0], image.shape[1], scale, ratio)
   return crop_and_resize(image, *box, size)
-
-
-def patch_mix(key, image: jax.Array, partner: jax.Array, grid: int = 3, prob: float = 2 / 3) -> jax.Array:
-  """The deformation network's "softRandom" stage-1 augmentation of one square [H, W, C] image.
-
-  With probability `prob`, each of the grid x grid patches (deformation.patch_borders,
-  row-major) becomes w * image + (1 - w) * partner with its own w ~ U[0, 1], the
-  partner being another image of the same class; otherwise the image is returned.
-  Uses the deformation module's map and fusion so stage 1 and stage 2 cut patches
-  identically.
-  """
-  if image.shape[0] != image.shape[1]:
-    raise ValueError(f"patch_mix needs square images, got {image.shape[:2]}")
-  mix_key, weight_key = jax.random.split(key)
-  do = jax.random.bernoulli(mix_key, prob)
-  weights = jax.random.uniform(weight_key, (grid * grid,))
-  mixed = deformation.fuse(image, partner, deformation.weight_map(weights, image.shape[0], grid))
-  return jnp.where(do, mixed, image)
-
-
-def pretrain_augment(key, images: jax.Array, partners: jax.Array, *, mean, std, size: int,
-                     flip_prob: float = 0.5, mix_prob: float = 2 / 3, grid: int = 3,
-                     scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> jax.Array:
-  """The deformation network's stage-1 batch augmentation: [B, H, W, C] images + same-class partners -> [B, size, size, C].
-
-  Image and partner each get their own RandomResizedCrop and flip, then both are
-  normalised and patch-mixed. Mixing after normalising equals mixing raw pixels
-  and normalising (normalisation is affine, patch weights sum to 1), and matches
-  the reference, which fuses normalised tensors.
-  """
-  b = images.shape[0]
-  crop_i, crop_p, flip_i, flip_p, mix = jax.random.split(key, 5)
-  crop = jax.vmap(functools.partial(random_resized_crop, size=size, scale=scale, ratio=ratio))
-  images = crop(jax.random.split(crop_i, b), images)
-  partners = crop(jax.random.split(crop_p, b), partners)
-  if flip_prob > 0:
-    images = flip(flip_i, images, flip_prob)
-    partners = flip(flip_p, partners, flip_prob)
-  images = normalise(images, mean, std)
-  partners = normalise(partners, mean, std)
-  mix_fn = jax.vmap(functools.partial(patch_mix, grid=grid, prob=mix_prob))
-  return mix_fn(jax.random.split(mix, b), images, partners)

@@ -21,9 +21,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fewshot_jax.errors import ConfigError, DataError
 
-# data.placement: every device holds the whole split, or 1/D of it (load_split).
+# data.placement: every device holds the whole split, or 1/D of it (load_split; config.validate checks it).
 PLACEMENTS = ("replicated", "sharded")
-# episode.query_sampling: `queries` of every class, or `queries` per task of uniformly drawn classes.
+# episode.query_sampling: `queries` of every class, or `queries` per task of uniformly drawn classes
+# (sample_tasks; config.validate checks it).
 QUERY_SAMPLING = ("per_class", "per_task")
 
 
@@ -101,8 +102,6 @@ def load_split(builder, split: str, mesh=None, placement: str = "replicated") ->
   own devices hold, streaming the split in chunks, so host memory holds one
   process's share of the images, never the split times the process count.
   """
-  if placement not in PLACEMENTS:
-    raise ConfigError(f"data.placement={placement!r} is unknown; valid: {list(PLACEMENTS)}")
   sources = builder.as_data_source()
   if split not in sources:
     raise ConfigError(f"split {split!r} does not exist in {builder.name}/{builder.builder_config.name}; "
@@ -212,10 +211,10 @@ def _sample_task(key, tables, ways: int, shots: int, queries: int, per_task: boo
 
   tables: (class_index, class_counts, class_ids) of a DeviceDataset. per_task:
   the task has Q queries in all (not Q per class), each of a class drawn
-  uniformly, as the weight generators' TF code's one query per task; a class's queries are
-  still distinct images. disjoint=False draws queries independently of the
-  supports, so a query may repeat a support image (the deformation
-  network's PyTorch episodes; a small optimistic bias).
+  uniformly (an original's one query per task); a class's queries are still
+  distinct images. disjoint=False draws queries independently of the supports,
+  so a query may repeat a support image (an original's episodes; a small
+  optimistic bias). Which original does which: docs/faithful.md.
   """
   class_index, class_counts, class_ids = tables
   class_key, image_key = jax.random.split(key)
@@ -276,9 +275,6 @@ def sample_tasks(task_keys, dataset: DeviceDataset, *, ways: int, shots: int, qu
   every class) or 'per_task' (`queries` per task, classes drawn uniformly).
   disjoint=False: queries may repeat supports (see `_sample_task`).
   """
-  if query_sampling not in QUERY_SAMPLING:
-    raise ConfigError(f"episode.query_sampling={query_sampling!r} is unknown; "
-                      f"valid: {list(QUERY_SAMPLING)}")
   per_task = query_sampling == "per_task"
   tables = (dataset.class_index, dataset.class_counts, dataset.class_ids)
 

@@ -1,4 +1,5 @@
-"""From config to device-resident splits: prepare the TFDS builder once, load a split."""
+"""From config to device-resident splits (prepare the TFDS builder once, load a split) and to the
+episode sampler's arguments."""
 
 import os
 import shutil
@@ -82,6 +83,23 @@ def options(config: ml_collections.ConfigDict) -> dict:
 def channels(config: ml_collections.ConfigDict) -> int:
   """Channels of the stored images: data.channels where the record lets the config choose, else the record's."""
   return options(config).get("channels", registry.get(config.data.name).channels)
+
+
+def episode_sampling(config: ml_collections.ConfigDict, *, training: bool, ways: int | None = None,
+                     queries: int | None = None, query_sampling: str | None = None,
+                     disjoint: bool | None = None) -> dict:
+  """The keyword arguments of episodes.sample_tasks (ways, shots, queries, augment, query_sampling,
+  disjoint) under `config`, for training and for every evaluation protocol.
+
+  `training` applies config.augment's training augmentation (augment.from_config); each other
+  argument replaces its config.episode.* value (ways, queries, query_sampling, disjoint_queries).
+  """
+  ways = config.episode.ways if ways is None else ways
+  return dict(ways=ways, shots=config.episode.shots,
+              queries=config.episode.queries if queries is None else queries,
+              augment=augment.from_config(config, ways, training=training),
+              query_sampling=config.episode.query_sampling if query_sampling is None else query_sampling,
+              disjoint=config.episode.disjoint_queries if disjoint is None else disjoint)
 
 
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:

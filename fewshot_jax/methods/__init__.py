@@ -5,13 +5,15 @@ for its PyTorch bridge: a function bridge(config, shapes) -> state_dicts.TorchBr
 one line in METHODS and a config file
 (configs/<name>.py). Each method module declares `KEYS` (every key it reads
 under method.*) and `BACKBONES` (the model.backbone values it builds), may list
-`UNUSED_TRAIN_KEYS` and define `check_config(config)`; config.validate runs them.
+`UNUSED_TRAIN_KEYS`, declare `PROTOCOLS` (its own evaluation protocols, {name: common.Protocol},
+which its build puts on the Method record) and define `check_config(config)`; config.validate runs them.
 """
 
 import importlib
 import importlib.util
 
 from fewshot_jax.errors import ConfigError
+from fewshot_jax.methods import common
 
 METHODS = ("protonet", "matchingnet", "lgmnet", "idemenet", "idemenet_pretrain")
 
@@ -24,8 +26,9 @@ def module(name: str):
 
 def check_config(config, train_defaults=None) -> None:
   """Called by config.validate: every key under method.* is `name` or one the method declares
-  (KEYS), none is missing, model.backbone is one of its BACKBONES, no train.* key its own
-  optimiser ignores (UNUSED_TRAIN_KEYS) differs from `train_defaults`, and its own checks pass."""
+  (KEYS), none is missing, model.backbone is one of its BACKBONES, eval.protocol is the standard
+  protocol or one of its PROTOCOLS, no train.* key its own optimiser ignores (UNUSED_TRAIN_KEYS)
+  differs from `train_defaults`, and its own checks pass."""
   mod = module(config.method.name)
   declared = ("name",) + tuple(mod.KEYS)
   unknown = [k for k in config.method if k not in declared]
@@ -39,6 +42,10 @@ def check_config(config, train_defaults=None) -> None:
   if config.model.backbone not in mod.BACKBONES:
     raise ConfigError(f"model.backbone={config.model.backbone!r} is not a network of "
                       f"method.name={config.method.name!r}; valid: {list(mod.BACKBONES)}")
+  protocols = [common.STANDARD_PROTOCOL, *getattr(mod, "PROTOCOLS", {})]
+  if config.eval.protocol not in protocols:
+    raise ConfigError(f"eval.protocol={config.eval.protocol!r} is not a protocol of "
+                      f"method.name={config.method.name!r}; valid: {protocols}")
   for key in getattr(mod, "UNUSED_TRAIN_KEYS", ()) if train_defaults is not None else ():
     if config.train[key] != train_defaults[key]:
       raise ConfigError(f"train.{key}={config.train[key]!r} is not read by method.name={config.method.name!r}, "

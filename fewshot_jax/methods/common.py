@@ -1,7 +1,7 @@
 """Pieces shared by methods: the Method record, episode flattening, metric helpers."""
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,8 @@ class Method:
   probabilities(mode, scores [..., N]) -> [..., N], the class probabilities of a mode's scores
     (None: softmax of the scores, which are logits or log-probabilities);
   max_ways: the most classes one task may have (None: any number).
+  protocols: {name: Protocol}, the method's own evaluation protocols beside the shared
+    STANDARD_PROTOCOL (evaluate.py); eval.protocol names one of them (checked by config.validate).
   The optional PyTorch bridge is methods/<name>_torch.py (see methods.torch_bridge).
   """
 
@@ -58,6 +60,7 @@ class Method:
   embed: Callable[..., Any] | None = None
   probabilities: Callable[..., Any] | None = None
   max_ways: int | None = None
+  protocols: Mapping[str, "Protocol"] = dataclasses.field(default_factory=dict)
 
   def modes(self, params, state, episode, keys) -> dict:
     """{mode: logits [T, N*Q, N]} for every prediction mode (keys: [T], one per task)."""
@@ -85,6 +88,20 @@ class Figures:
 
   compute: Callable[..., Any]
   write: Callable[..., dict]
+
+
+# The evaluation protocol every method has (evaluate.py): eval.episodes episodes of eval.queries
+# queries per class, no augmentation. A method adds its own as Method.protocols.
+STANDARD_PROTOCOL = "standard"
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """An evaluation protocol: `sampling(config)` -> the keyword arguments of episodes.sample_tasks
+  (input_pipeline.episode_sampling's), `episodes(config)` -> how many episodes --mode=eval scores."""
+
+  sampling: Callable[..., dict]
+  episodes: Callable[..., int]
 
 
 def flatten_images(episode):

@@ -30,12 +30,17 @@ per-task parts are vmapped over the task axis.
 Prediction modes: 'deformed' (prototypes with the deformed supports, the
 method) and 'plain' (real supports only: the same embedding as a prototype
 baseline, the ablation), both from one pass on the same episodes.
+
+build() assembles the Method record from the module-level functions below, each
+taking (config, nets, ...) first: `networks(config)` makes E and D once. The
+evaluation figure is methods/idemenet_figures.py's.
 """
 
 import dataclasses
+import functools
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -45,14 +50,13 @@ import numpy as np
 import optax
 
 from fewshot_jax import checkpoint
-from fewshot_jax import figures
-from fewshot_jax import multihost
 from fewshot_jax.errors import CheckpointError, ConfigError
 from fewshot_jax.data import augment
 from fewshot_jax.data import episodes
 from fewshot_jax.data import input_pipeline
 from fewshot_jax.data import registry
 from fewshot_jax.methods import common
+from fewshot_jax.methods import idemenet_figures
 from fewshot_jax.models import backbones
 from fewshot_jax.models import deformation as deform_lib
 from fewshot_jax.models import layers
@@ -280,157 +284,205 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return optax.multi_transform(transforms, labels)
 
 
-def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
+class Nets(NamedTuple):
+  """E and D of one config (Flax modules: their description, no parameters)."""
+
+  embedding: ResNet18
+  deformation: deform_lib.DeformationNet
+
+
+def deformation_model(config: ml_collections.ConfigDict) -> deform_lib.DeformationNet:
+  """D: probe + gallery image pairs (6 channels) -> method.grid x method.grid patch weights."""
+  return deform_lib.DeformationNet(grid=config.method.grid, dtype=backbones.dtype_from_config(config),
+                                   conv_general_dilated=layers.conv_function(config.model.conv_impl),
+                                   remat=backbones.remat_from_config(config))
+
+
+def networks(config: ml_collections.ConfigDict) -> Nets:
+  return Nets(embedding_model(config), deformation_model(config))
+
+
+def apply_embedding(nets: Nets, params_e, state, images):
+  """E in evaluation mode (BatchNorm frozen throughout stage 2): (features [B, 512], fc logits)."""
+  return nets.embedding.apply({"params": params_e, "batch_stats": state["batch_stats"]["embedding"]}, images,
+                              train=False)
+
+
+def apply_deformation(nets: Nets, params, state, pairs):
+  """D in evaluation mode: pairs [B, S, S, 6] -> patch weights [B, G*G]."""
+  return nets.deformation.apply({"params": params["deformation"],
+                                 "batch_stats": state["batch_stats"]["deformation"]}, pairs, train=False)
+
+
+def init(config: ml_collections.ConfigDict, nets: Nets, key, episode) -> dict:
+  """Method.init: E, D, the scale, and an empty gallery of the shapes setup fills."""
   mc = config.method
   size = input_size(config)
-  grid, augnum, choose = mc.grid, mc.augnum, mc.choose_num
   n_gallery = mc.gallery_per_class * mc.num_classes
   raw_shape = (config.data.image_size, config.data.image_size, 3)
-  model_e = embedding_model(config)
-  model_d = deform_lib.DeformationNet(grid=grid, dtype=backbones.dtype_from_config(config),
-                                      conv_general_dilated=layers.conv_function(config.model.conv_impl),
-                                      remat=backbones.remat_from_config(config))
+  e_key, d_key = jax.random.split(key)
+  image = jnp.zeros((1, size, size, 3), jnp.float32)
+  e_vars = nets.embedding.init(e_key, image, train=False)
+  d_vars = nets.deformation.init(d_key, jnp.zeros((1, size, size, 6), jnp.float32), train=False)
+  gallery = {"images": jnp.zeros((n_gallery,) + raw_shape, jnp.uint8),
+             "labels": jnp.zeros((n_gallery,), jnp.int32),
+             "features": jnp.zeros((n_gallery, 512), jnp.float32)}
+  return {"params": {"embedding": e_vars["params"], "deformation": d_vars["params"],
+                     "scale": jnp.asarray(mc.scale_init, jnp.float32)},
+          "batch_stats": {"embedding": e_vars["batch_stats"], "deformation": d_vars["batch_stats"]},
+          "gallery": gallery}
 
-  def e_apply(params, state, images):
-    return model_e.apply({"params": params, "batch_stats": state["batch_stats"]["embedding"]}, images,
-                         train=False)
 
-  def d_apply(params, state, pairs):
-    return model_d.apply({"params": params["deformation"], "batch_stats": state["batch_stats"]["deformation"]},
-                         pairs, train=False)
+def load_into(config: ml_collections.ConfigDict, variables) -> dict:
+  """`variables` with every part method.pretrained's workdir holds (load_pretrained), each checked
+  to fit this config."""
+  mc = config.method
+  if not mc.pretrained:
+    raise ConfigError("method.pretrained is empty; set it to the workdir of the stage-1 run "
+                      "(configs/idemenet.py:pretrain) or of --mode=convert")
+  loaded = load_pretrained(mc.pretrained)
+  if mc.fix_deformation and "deformation" not in loaded["params"]:
+    raise ConfigError(f"method.fix_deformation=True but method.pretrained={mc.pretrained!r} is a stage-1 "
+                      "workdir with no trained D: D would stay frozen at its random init; point "
+                      "method.pretrained at a stage-2 workdir (or a converted metaNet_*.t7), or set "
+                      "method.fix_deformation=False")
+  variables = flax.core.unfreeze(variables)
+  for collection in ("params", "batch_stats"):
+    for part, value in loaded[collection].items():
+      if jax.tree.map(jnp.shape, value) != jax.tree.map(jnp.shape, variables[collection][part]):
+        raise CheckpointError(f"method.pretrained={mc.pretrained!r}: its {part!r} does not fit this config "
+                              f"(ResNet-18 with a {mc.num_classes}-way fc, a {mc.grid}x{mc.grid} grid)")
+      variables[collection][part] = value
+  return variables
 
-  def init(key, episode):
-    e_key, d_key = jax.random.split(key)
-    image = jnp.zeros((1, size, size, 3), jnp.float32)
-    e_vars = model_e.init(e_key, image, train=False)
-    d_vars = model_d.init(d_key, jnp.zeros((1, size, size, 6), jnp.float32), train=False)
-    gallery = {"images": jnp.zeros((n_gallery,) + raw_shape, jnp.uint8),
-               "labels": jnp.zeros((n_gallery,), jnp.int32),
-               "features": jnp.zeros((n_gallery, 512), jnp.float32)}
-    return {"params": {"embedding": e_vars["params"], "deformation": d_vars["params"],
-                       "scale": jnp.asarray(mc.scale_init, jnp.float32)},
-            "batch_stats": {"embedding": e_vars["batch_stats"], "deformation": d_vars["batch_stats"]},
-            "gallery": gallery}
 
-  def setup(variables, train_dataset):
-    if not mc.pretrained:
-      raise ConfigError("method.pretrained is empty; set it to the workdir of the stage-1 run "
-                        "(configs/idemenet.py:pretrain) or of --mode=convert")
-    loaded = load_pretrained(mc.pretrained)
-    if mc.fix_deformation and "deformation" not in loaded["params"]:
-      raise ConfigError(f"method.fix_deformation=True but method.pretrained={mc.pretrained!r} is a stage-1 "
-                        "workdir with no trained D: D would stay frozen at its random init; point "
-                        "method.pretrained at a stage-2 workdir (or a converted metaNet_*.t7), or set "
-                        "method.fix_deformation=False")
-    variables = flax.core.unfreeze(variables)
-    for collection in ("params", "batch_stats"):
-      for part, value in loaded[collection].items():
-        if jax.tree.map(jnp.shape, value) != jax.tree.map(jnp.shape, variables[collection][part]):
-          raise CheckpointError(f"method.pretrained={mc.pretrained!r}: its {part!r} does not fit this config "
-                                f"(ResNet-18 with a {mc.num_classes}-way fc, a {mc.grid}x{mc.grid} grid)")
-        variables[collection][part] = value
-    return attach_gallery(config, variables, train_dataset)
+def setup(config: ml_collections.ConfigDict, variables, train_dataset) -> dict:
+  """Method.setup: the pretrained parts, then the gallery of the train split."""
+  return attach_gallery(config, load_into(config, variables), train_dataset)
 
-  def task_deform_inputs(key, support, support_labels, support_feats, ways, gallery):
-    """One task: probes [S, A, ...], the chosen gallery indices [S, A] and their flips [S, A]."""
-    candidates = gallery_candidates(support_feats, support_labels, gallery["features"], ways, choose)
-    s = support.shape[0]
-    pick_key, flip_key = jax.random.split(key)
-    pick = jax.random.randint(pick_key, (s, augnum), 0, choose)
-    gallery_idx = candidates[support_labels[:, None], pick]  # [S, A]
-    flip = jax.random.bernoulli(flip_key, mc.probe_flip, (s, augnum, 1, 1, 1))
-    probe = jnp.where(flip, support[:, None, :, ::-1], support[:, None])  # [S, A, H, W, C]
-    gallery_flip = jax.random.bernoulli(jax.random.fold_in(key, 2), mc.gallery_flip, (s, augnum))
-    return probe, gallery_idx, gallery_flip
 
-  def deform(params, state, episode, keys, real_support_feats=None):
-    """(probe, gallery, weights, deformed): [T, S, A, ...] each; weights [T, S, A, G*G]. keys: [T], one
-    per task, so a task's gallery picks and flips do not depend on the batch it is in."""
-    t, s = episode.support.shape[:2]
-    ways = episode.classes.shape[1]
-    gallery = state["gallery"]
-    if real_support_feats is None:
-      flat = episode.support.reshape((t * s,) + episode.support.shape[2:])
-      real_support_feats = e_apply(params["embedding"], state, flat)[0].reshape(t, s, -1)
-    probe, gallery_idx, gallery_flip = jax.vmap(
-        lambda k, x, y, f: task_deform_inputs(k, x, y, f, ways, gallery))(
-            keys, episode.support, episode.support_labels, real_support_feats)
-    gallery_images = preprocess(config, gallery["images"][gallery_idx])  # [T, S, A, H, W, C]
-    # Flipping after the (symmetric) resize and centre crop equals the reference's flip before them.
-    gallery_images = jnp.where(gallery_flip[..., None, None, None], gallery_images[..., ::-1, :], gallery_images)
-    pairs = jnp.concatenate([probe, gallery_images], axis=-1).reshape((t * s * augnum, size, size, 6))
-    weights = d_apply(params, state, pairs).reshape(t, s, augnum, grid * grid)
-    wmap = deform_lib.weight_map(weights, size, grid)  # [T, S, A, H, W, 1]
-    return probe, gallery_images, weights, deform_lib.fuse(probe, gallery_images, wmap)
+def task_deform_inputs(mc, key, support, support_labels, support_feats, ways: int, gallery):
+  """One task: probes [S, A, ...], the chosen gallery indices [S, A] and their flips [S, A]."""
+  candidates = gallery_candidates(support_feats, support_labels, gallery["features"], ways, mc.choose_num)
+  s = support.shape[0]
+  pick_key, flip_key = jax.random.split(key)
+  pick = jax.random.randint(pick_key, (s, mc.augnum), 0, mc.choose_num)
+  gallery_idx = candidates[support_labels[:, None], pick]  # [S, A]
+  flip = jax.random.bernoulli(flip_key, mc.probe_flip, (s, mc.augnum, 1, 1, 1))
+  probe = jnp.where(flip, support[:, None, :, ::-1], support[:, None])  # [S, A, H, W, C]
+  gallery_flip = jax.random.bernoulli(jax.random.fold_in(key, 2), mc.gallery_flip, (s, mc.augnum))
+  return probe, gallery_idx, gallery_flip
 
-  def forward(params, state, episode, keys, with_cls: bool):
-    """Per-mode logits [T, Q, N] and, when with_cls, the classification loss."""
-    t, s = episode.support.shape[:2]
-    ways = episode.classes.shape[1]
-    frozen_e = jax.lax.stop_gradient(params["embedding"])
-    images, split = common.flatten_images(episode)
-    support_feats, query_feats = split(e_apply(frozen_e, state, images)[0])
-    _, _, _, deformed = deform(params, state, episode, keys, support_feats)
-    if mc.fix_deformation:
-      deformed = jax.lax.stop_gradient(deformed)
-    flat_deformed = deformed.reshape((t * s * augnum, size, size, 3))
-    deformed_feats = e_apply(frozen_e, state, flat_deformed)[0].reshape(t, s * augnum, -1)
-    deformed_labels = jnp.repeat(episode.support_labels, augnum, axis=1)  # support-major, as the reshape
 
-    def logits(sf, sl, qf):
-      return -params["scale"] * common.squared_distances(qf, common.prototypes(sf, sl, ways))
+def deform(config: ml_collections.ConfigDict, nets: Nets, params, state, episode, keys, real_support_feats=None):
+  """(probe, gallery, weights, deformed): [T, S, A, ...] each; weights [T, S, A, G*G]. keys: [T], one
+  per task, so a task's gallery picks and flips do not depend on the batch it is in."""
+  mc = config.method
+  size, grid, augnum = input_size(config), mc.grid, mc.augnum
+  t, s = episode.support.shape[:2]
+  ways = episode.classes.shape[1]
+  gallery = state["gallery"]
+  if real_support_feats is None:
+    flat = episode.support.reshape((t * s,) + episode.support.shape[2:])
+    real_support_feats = apply_embedding(nets, params["embedding"], state, flat)[0].reshape(t, s, -1)
+  probe, gallery_idx, gallery_flip = jax.vmap(
+      lambda k, x, y, f: task_deform_inputs(mc, k, x, y, f, ways, gallery))(
+          keys, episode.support, episode.support_labels, real_support_feats)
+  gallery_images = preprocess(config, gallery["images"][gallery_idx])  # [T, S, A, H, W, C]
+  # Flipping after the (symmetric) resize and centre crop equals the reference's flip before them.
+  gallery_images = jnp.where(gallery_flip[..., None, None, None], gallery_images[..., ::-1, :], gallery_images)
+  pairs = jnp.concatenate([probe, gallery_images], axis=-1).reshape((t * s * augnum, size, size, 6))
+  weights = apply_deformation(nets, params, state, pairs).reshape(t, s, augnum, grid * grid)
+  wmap = deform_lib.weight_map(weights, size, grid)  # [T, S, A, H, W, 1]
+  return probe, gallery_images, weights, deform_lib.fuse(probe, gallery_images, wmap)
 
-    all_feats = jnp.concatenate([support_feats, deformed_feats], axis=1)
-    all_labels = jnp.concatenate([episode.support_labels, deformed_labels], axis=1)
-    out = {"deformed": jax.vmap(logits)(all_feats, all_labels, query_feats),
-           "plain": jax.vmap(logits)(support_feats, episode.support_labels, query_feats)}
-    cls = None
-    if with_cls:
-      cls_images = jax.lax.stop_gradient(deformed).reshape((t, s * augnum, size, size, 3))
-      cls_labels = deformed_labels
-      if mc.cls_images == "all":  # the real supports too: the reference's 1 + augnum images per support
-        cls_images = jnp.concatenate([episode.support, cls_images], axis=1)  # per task: stays task-sharded
-        cls_labels = jnp.concatenate([episode.support_labels, cls_labels], axis=1)
-      _, fc_logits = e_apply(params["embedding"], state, cls_images.reshape((-1, size, size, 3)))
-      base = jnp.take_along_axis(episode.classes, cls_labels, axis=1).reshape(-1)
-      cls = optax.softmax_cross_entropy_with_integer_labels(fc_logits, base).mean()
-    return out, cls
 
-  def loss(params, state, episode, key):
-    keys = jax.random.split(key, episode.support.shape[0])
-    out, cls = forward(params, state, episode, keys, with_cls=not mc.fix_embedding)
-    proto, metrics = common.classification_metrics(out["deformed"], episode.query_labels)
-    metrics["plain_accuracy"] = jnp.mean(jnp.argmax(out["plain"], -1) == episode.query_labels)
-    total = proto
-    if cls is not None:
-      metrics["cls_loss"] = cls
-      total = proto + cls
-    metrics["scale"] = params["scale"]
-    return total, (metrics, state)  # BatchNorm frozen: the state is returned unchanged
+def mode_logits(scale, support_feats, support_labels, deformed_feats, deformed_labels, query_feats, ways: int):
+  """{'deformed': prototypes of the real and deformed supports, 'plain': of the real ones}: logits
+  -scale * squared distance [T, Q, N] of every task."""
 
-  def predict_all_modes(params, state, episode, keys):
-    return forward(params, state, episode, keys, with_cls=False)[0]
+  def logits(sf, sl, qf):
+    return -scale * common.squared_distances(qf, common.prototypes(sf, sl, ways))
 
-  def predict(params, state, episode, keys):
-    return predict_all_modes(params, state, episode, keys)[mc.eval_mode]
+  all_feats = jnp.concatenate([support_feats, deformed_feats], axis=1)
+  all_labels = jnp.concatenate([support_labels, deformed_labels], axis=1)
+  return {"deformed": jax.vmap(logits)(all_feats, all_labels, query_feats),
+          "plain": jax.vmap(logits)(support_feats, support_labels, query_feats)}
 
-  def figure_data(params, state, episode, keys):
-    return deform(params, state, episode, keys)
 
-  def write_figure(data, workdir, split, title, rows: int = 12):
-    """PNG of (probe, gallery, patch weights, deformed) of the first supports, and the mean patch
-    weight of D over all the deformed copies of the episodes (eval.tasks x supports x augnum)."""
-    probe, gallery, weights, deformed = data
-    take = lambda x: x[:, :, 0].reshape((-1,) + x.shape[3:])[:rows]  # first copy of each support
-    path = os.path.join(workdir, f"deformations_{split}.png")
-    if multihost.is_main():  # every process computed the figure's episodes; process 0 draws it
-      figures.deformation_grid(path, take(probe), take(gallery), take(weights), take(deformed),
-                               mean=config.data.mean, std=config.data.std, grid=grid, max_rows=rows, title=title)
-    return {"figure": path, "patch_weight_mean": float(np.mean(weights))}
+def classification_loss(config: ml_collections.ConfigDict, nets: Nets, params, state, episode, deformed,
+                        deformed_labels):
+  """Cross-entropy of E's fc on the deformed copies (and, cls_images='all', the real supports), each
+  labelled with its probe's base class; the images enter through stop_gradient."""
+  size = input_size(config)
+  t, s = episode.support.shape[:2]
+  cls_images = jax.lax.stop_gradient(deformed).reshape((t, s * config.method.augnum, size, size, 3))
+  cls_labels = deformed_labels
+  if config.method.cls_images == "all":  # the real supports too: the reference's 1 + augnum images per support
+    cls_images = jnp.concatenate([episode.support, cls_images], axis=1)  # per task: stays task-sharded
+    cls_labels = jnp.concatenate([episode.support_labels, cls_labels], axis=1)
+  _, fc_logits = apply_embedding(nets, params["embedding"], state, cls_images.reshape((-1, size, size, 3)))
+  base = jnp.take_along_axis(episode.classes, cls_labels, axis=1).reshape(-1)
+  return optax.softmax_cross_entropy_with_integer_labels(fc_logits, base).mean()
 
-  return IDeMeNetMethod("idemenet", init, loss, predict, optimizer=make_optimizer,
-                        learning_rate=lambda c: _schedule(c, c.method.lr_deformation), setup=setup,
-                        predict_all_modes=predict_all_modes, eval_mode=lambda c: c.method.eval_mode,
-                        figures=common.Figures(figure_data, write_figure),
-                        embed=lambda params, state, images: e_apply(params["embedding"], state, images)[0],
-                        deform=deform)
+
+def forward(config: ml_collections.ConfigDict, nets: Nets, params, state, episode, keys, with_cls: bool):
+  """Per-mode logits [T, Q, N] and, when with_cls, the classification loss."""
+  mc = config.method
+  size, augnum = input_size(config), mc.augnum
+  t, s = episode.support.shape[:2]
+  ways = episode.classes.shape[1]
+  frozen_e = jax.lax.stop_gradient(params["embedding"])
+  images, split = common.flatten_images(episode)
+  support_feats, query_feats = split(apply_embedding(nets, frozen_e, state, images)[0])
+  _, _, _, deformed = deform(config, nets, params, state, episode, keys, support_feats)
+  if mc.fix_deformation:
+    deformed = jax.lax.stop_gradient(deformed)
+  flat_deformed = deformed.reshape((t * s * augnum, size, size, 3))
+  deformed_feats = apply_embedding(nets, frozen_e, state, flat_deformed)[0].reshape(t, s * augnum, -1)
+  deformed_labels = jnp.repeat(episode.support_labels, augnum, axis=1)  # support-major, as the reshape
+  out = mode_logits(params["scale"], support_feats, episode.support_labels, deformed_feats, deformed_labels,
+                    query_feats, ways)
+  cls = None
+  if with_cls:
+    cls = classification_loss(config, nets, params, state, episode, deformed, deformed_labels)
+  return out, cls
+
+
+def loss(config: ml_collections.ConfigDict, nets: Nets, params, state, episode, key):
+  """Method.loss: the prototype loss of the 'deformed' mode, plus the classification loss while E trains."""
+  keys = jax.random.split(key, episode.support.shape[0])
+  out, cls = forward(config, nets, params, state, episode, keys, with_cls=not config.method.fix_embedding)
+  proto, metrics = common.classification_metrics(out["deformed"], episode.query_labels)
+  metrics["plain_accuracy"] = jnp.mean(jnp.argmax(out["plain"], -1) == episode.query_labels)
+  total = proto
+  if cls is not None:
+    metrics["cls_loss"] = cls
+    total = proto + cls
+  metrics["scale"] = params["scale"]
+  return total, (metrics, state)  # BatchNorm frozen: the state is returned unchanged
+
+
+def predict_all_modes(config: ml_collections.ConfigDict, nets: Nets, params, state, episode, keys) -> dict:
+  return forward(config, nets, params, state, episode, keys, with_cls=False)[0]
+
+
+def predict(config: ml_collections.ConfigDict, nets: Nets, params, state, episode, keys):
+  return predict_all_modes(config, nets, params, state, episode, keys)[config.method.eval_mode]
+
+
+def embed(config, nets: Nets, params, state, images):
+  """Method.embed: E's evaluation-mode features [B, 512] of preprocessed images."""
+  del config
+  return apply_embedding(nets, params["embedding"], state, images)[0]
+
+
+def build(config: ml_collections.ConfigDict) -> IDeMeNetMethod:
+  nets = networks(config)
+  bind = lambda fn: functools.partial(fn, config, nets)
+  return IDeMeNetMethod("idemenet", bind(init), bind(loss), bind(predict), optimizer=make_optimizer,
+                        learning_rate=lambda c: _schedule(c, c.method.lr_deformation),
+                        setup=functools.partial(setup, config), predict_all_modes=bind(predict_all_modes),
+                        eval_mode=lambda c: c.method.eval_mode,
+                        figures=idemenet_figures.figures(config, bind(deform)), deform=bind(deform),
+                        embed=bind(embed))

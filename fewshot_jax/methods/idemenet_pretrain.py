@@ -12,6 +12,8 @@ episodes (squared Euclidean distance of its 512-d features), so the stage-1
 checkpoint that stage 2 loads is selected on validation classes.
 """
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from fewshot_jax.data import episodes
 from fewshot_jax.errors import ConfigError
 from fewshot_jax.methods import common
 from fewshot_jax.methods import idemenet
+from fewshot_jax.models import deformation
 
 
 @flax.struct.dataclass
@@ -45,6 +48,48 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   idemenet.check_rgb(config)
 
 
+def patch_mix(key, image: jax.Array, partner: jax.Array, grid: int = 3, prob: float = 2 / 3) -> jax.Array:
+  """The "softRandom" augmentation of one square [H, W, C] image.
+
+  With probability `prob`, each of the grid x grid patches (deformation.patch_borders,
+  row-major) becomes w * image + (1 - w) * partner with its own w ~ U[0, 1], the
+  partner being another image of the same class; otherwise the image is returned.
+  Uses the deformation module's map and fusion so stage 1 and stage 2 cut patches
+  identically.
+  """
+  if image.shape[0] != image.shape[1]:
+    raise ValueError(f"patch_mix needs square images, got {image.shape[:2]}")
+  mix_key, weight_key = jax.random.split(key)
+  do = jax.random.bernoulli(mix_key, prob)
+  weights = jax.random.uniform(weight_key, (grid * grid,))
+  mixed = deformation.fuse(image, partner, deformation.weight_map(weights, image.shape[0], grid))
+  return jnp.where(do, mixed, image)
+
+
+def pretrain_augment(key, images: jax.Array, partners: jax.Array, *, mean, std, size: int,
+                     flip_prob: float = 0.5, mix_prob: float = 2 / 3, grid: int = 3,
+                     scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> jax.Array:
+  """Stage 1's batch augmentation: [B, H, W, C] images + same-class partners -> [B, size, size, C].
+
+  Image and partner each get their own RandomResizedCrop and flip, then both are
+  normalised and patch-mixed. Mixing after normalising equals mixing raw pixels
+  and normalising (normalisation is affine, patch weights sum to 1), and matches
+  the reference, which fuses normalised tensors.
+  """
+  b = images.shape[0]
+  crop_i, crop_p, flip_i, flip_p, mix = jax.random.split(key, 5)
+  crop = jax.vmap(functools.partial(augment.random_resized_crop, size=size, scale=scale, ratio=ratio))
+  images = crop(jax.random.split(crop_i, b), images)
+  partners = crop(jax.random.split(crop_p, b), partners)
+  if flip_prob > 0:
+    images = augment.flip(flip_i, images, flip_prob)
+    partners = augment.flip(flip_p, partners, flip_prob)
+  images = augment.normalise(images, mean, std)
+  partners = augment.normalise(partners, mean, std)
+  mix_fn = jax.vmap(functools.partial(patch_mix, grid=grid, prob=mix_prob))
+  return mix_fn(jax.random.split(mix, b), images, partners)
+
+
 def build(config: ml_collections.ConfigDict) -> common.Method:
   mc = config.method
   size = idemenet.input_size(config)
@@ -64,9 +109,9 @@ def build(config: ml_collections.ConfigDict) -> common.Method:
     second = (first + shift) % limit[classes]
     images = episodes.take_images(dataset, dataset.class_index[classes, first])
     partners = episodes.take_images(dataset, dataset.class_index[classes, second])
-    out = augment.pretrain_augment(aug_key, images, partners, mean=config.data.mean, std=config.data.std,
-                                   size=size, flip_prob=mc.flip_prob, mix_prob=mc.mix_prob, grid=mc.grid,
-                                   scale=tuple(mc.crop_scale))
+    out = pretrain_augment(aug_key, images, partners, mean=config.data.mean, std=config.data.std,
+                           size=size, flip_prob=mc.flip_prob, mix_prob=mc.mix_prob, grid=mc.grid,
+                           scale=tuple(mc.crop_scale))
     return Batch(images=out, labels=dataset.class_ids[classes].astype(jnp.int32))
 
   def train_example():

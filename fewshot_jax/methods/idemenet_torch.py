@@ -51,6 +51,17 @@ def embedding_from_torch(state_dict: Mapping, num_classes: int = 64, source: str
   return spec.convert(state_dict, source, "ClassificationNetwork (ResNet-18 embedding)", hint=_gnet_keys_hint)
 
 
+def deformation_spec(spec: state_dicts.Spec, encoder, to_weight, path, grid, image_size,
+                     channels=(32, 64, 64, 32, 16)) -> None:
+  """D's keys in `spec`: the attention encoder's conv + BatchNorm blocks and the to-weight linear."""
+  side, inp = image_size, 6
+  for i, c in enumerate(channels):
+    spec.conv(f"{encoder}{i}.0", path + (f"encoder_{i}", "conv"), c, inp, 3, bias=True)
+    spec.batchnorm(f"{encoder}{i}.1", path + (f"encoder_{i}", "bn"), c)
+    inp, side = c, side // 2
+  spec.linear(to_weight, path + ("to_weight",), grid * grid, inp * side * side)
+
+
 def idemenet_from_torch(state_dict: Mapping, grid: int = 3, num_classes: int = 64, image_size: int = 224,
                         source: str = "state_dict") -> dict:
   """GNet state_dict -> the IDeMe-Net variables
@@ -67,7 +78,7 @@ def idemenet_from_torch(state_dict: Mapping, grid: int = 3, num_classes: int = 6
   spec.resnet18("CNet.", ("embedding",), num_classes=0)
   spec.linear("fc", ("embedding", "fc"), num_classes, 512)
   spec.resnet18(DUPLICATE_TRUNK[0], None, num_classes)
-  spec.deformation("attentionNet.encoder.", "toWeight.0", ("deformation",), grid, image_size)
+  deformation_spec(spec, "attentionNet.encoder.", "toWeight.0", ("deformation",), grid, image_size)
   spec.add("scale", (1,), "params", ("scale",), lambda a: a.reshape(()))
   return spec.convert(state_dict, source, f"GNet (IDeMe-Net, grid {grid}, {image_size} px)",
                       duplicates=DUPLICATE_TRUNK, hint=_embedding_keys_hint)

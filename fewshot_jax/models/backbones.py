@@ -9,7 +9,6 @@ from fewshot_jax.models.conv4 import Conv4
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype
-BACKBONES = ("conv4",)  # model.backbone of the methods that take one
 
 
 def dtype_from_config(config: ml_collections.ConfigDict):
@@ -27,9 +26,17 @@ def remat_from_config(config: ml_collections.ConfigDict) -> bool:
   return remat
 
 
-def from_config(config: ml_collections.ConfigDict):
-  name = config.model.backbone
-  if name != "conv4":
-    raise ConfigError(f"model.backbone={name!r} is unknown; valid: {list(BACKBONES)}")
+def conv4(config: ml_collections.ConfigDict) -> Conv4:
   return Conv4(features=config.model.features, dtype=dtype_from_config(config),
                conv_general_dilated=layers.conv_function(config.model.conv_impl), remat=remat_from_config(config))
+
+
+# model.backbone -> its network, for the methods that take one (they list these names as their
+# BACKBONES, which methods.check_config checks).
+NETWORKS = {"conv4": conv4}
+BACKBONES = tuple(NETWORKS)
+
+
+def from_config(config: ml_collections.ConfigDict):
+  """The network of model.backbone (one of BACKBONES)."""
+  return NETWORKS[config.model.backbone](config)

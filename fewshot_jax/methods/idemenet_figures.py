@@ -1,4 +1,7 @@
-"""Inspection figures of an image deformation: probe | gallery | weights | deformed.
+"""IDeMe-Net's evaluation figure: probe | gallery | weights | deformed of the first supports.
+
+`figures(config, deform)` is the method's common.Figures: `deform` (the method's own)
+runs on the device, `write` draws the PNG on process 0 and reports D's mean patch weight.
 
 Pillow + numpy only (no matplotlib), so a figure can be written from a training
 or evaluation loop on a headless host without a plotting stack.
@@ -12,6 +15,7 @@ ones on the gallery. Because D's weights are not clamped, values outside
 value. Non-finite weights are drawn grey.
 """
 
+import functools
 import os
 from typing import Sequence
 
@@ -19,6 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from fewshot_jax import files
+from fewshot_jax import multihost
+from fewshot_jax.methods import common
 from fewshot_jax.models.deformation import patch_borders
 
 COLUMNS = ("probe", "gallery", "weights", "deformed")
@@ -169,3 +175,22 @@ def deformation_grid(path, probe, gallery, weights, deformed, *, mean, std, grid
   with files.atomic_path(path) as tmp:
     fig.save(tmp, format="PNG")
   return path
+
+
+def write(config, data, workdir, split, title, rows: int = 12) -> dict:
+  """PNG of (probe, gallery, patch weights, deformed) of the first supports, and the mean patch
+  weight of D over all the deformed copies of the episodes (eval.tasks x supports x augnum)."""
+  probe, gallery, weights, deformed = data
+  take = lambda x: x[:, :, 0].reshape((-1,) + x.shape[3:])[:rows]  # first copy of each support
+  path = os.path.join(workdir, f"deformations_{split}.png")
+  if multihost.is_main():  # every process computed the figure's episodes; process 0 draws it
+    deformation_grid(path, take(probe), take(gallery), take(weights), take(deformed),
+                     mean=config.data.mean, std=config.data.std, grid=config.method.grid, max_rows=rows,
+                     title=title)
+  return {"figure": path, "patch_weight_mean": float(np.mean(weights))}
+
+
+def figures(config, deform) -> common.Figures:
+  """The evaluation figure of IDeMe-Net: deform(params, state, episode, keys) -> (probe, gallery,
+  weights, deformed) on the device, `write` on the host."""
+  return common.Figures(compute=deform, write=functools.partial(write, config))
