@@ -46,6 +46,7 @@ EXIT_STUCK = 124  # as `timeout` reports a command it ended
 EXIT_PEER_LOST = 75  # EX_TEMPFAIL: run the same command again
 _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 _HEARTBEAT_DIR = "fewshot_jax/alive/"
+_END_KEY = "fewshot_jax/end"  # why a process ended the run: its peers' watchdogs say so and end too
 
 
 @dataclasses.dataclass
@@ -117,8 +118,10 @@ class Watchdog:
     self._end(code, self._line(f"{what} {_during(phase or last, last)}", every=True))
 
   # The thread's side.
-  def _end(self, code: int, message: str) -> None:
+  def _end(self, code: int, message: str, tell_peers: bool = True) -> None:
     print(message, file=self._out, flush=True)
+    if tell_peers and jax.process_count() > 1:  # before the coordinator (process 0) goes: JAX aborts the
+      _tell_peers(code, message, self.settings.heartbeat_every)  # others when it does, naming nothing
     os._exit(code)  # pylint: disable=protected-access
 
   def _run(self) -> None:
@@ -146,6 +149,10 @@ class Watchdog:
             "peer is stuck in a collective (or the phase needs longer: raise --stuck_timeout)"))
       if beat is not None:
         lost = beat.check()
+        if isinstance(lost, tuple):  # a peer ended the run and said why
+          code, peer, why = lost
+          self._end(code, self._line(f"error: process {peer} ended the run ({why.removeprefix('error: ')}) "
+                                     f"{_during(phase, last)}", every=True), tell_peers=False)
         if lost:
           self._end(EXIT_PEER_LOST, self._line(f"error: {lost} {_during(phase, last)}", every=True))
 
@@ -184,8 +191,9 @@ class _Heartbeat:
     self._seen: dict[int, tuple[str, float]] = {}
     self._started = time.monotonic()
 
-  def check(self) -> str | None:
-    """None while every peer is alive; else what is lost, in words."""
+  def check(self):
+    """None while every peer is alive; (exit code, process, its line) where a peer ended the run; else
+    what is lost, in words."""
     now = time.monotonic()
     if now - self._last_beat < self._settings.heartbeat_every:
       return None
@@ -194,8 +202,14 @@ class _Heartbeat:
     try:
       self._client.key_value_set(f"{_HEARTBEAT_DIR}{self._me}", str(self._beats), allow_overwrite=True)
       values = dict(self._client.key_value_dir_get(_HEARTBEAT_DIR))
+      ended = self._client.key_value_try_get(_END_KEY)
     except Exception as e:  # pylint: disable=broad-exception-caught  # the coordinator is gone
-      return f"the coordinator (process 0) cannot be reached ({' '.join(str(e).split())[:120]})"
+      if "NOT_FOUND" not in str(e):
+        return f"the coordinator (process 0) cannot be reached ({' '.join(str(e).split())[:120]})"
+      ended = None
+    if ended:
+      code, peer, why = ended.split(" ", 2)
+      return int(code), int(peer), why
     timeout = self._settings.peer_timeout
     for p in range(jax.process_count()):
       if p == self._me:
@@ -207,6 +221,16 @@ class _Heartbeat:
       elif now - since > timeout:
         return f"process {p} is gone (no heartbeat for {timeout:.0f} s: killed, stopped or its host lost)"
     return None
+
+
+def _tell_peers(code: int, message: str, wait: float) -> None:
+  """Leaves `message` for the peers' watchdogs, then gives them time to read it (one heartbeat)."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.global_state.client.key_value_set(_END_KEY, f"{code} {jax.process_index()} {message}")
+    time.sleep(wait + 1.0)
+  except Exception:  # pylint: disable=broad-exception-caught  # another process said it first, or no coordinator
+    pass
 
 
 def _during(phase: str | None, last: str) -> str:

@@ -60,7 +60,8 @@ def test_every_method_scores_the_same_in_two_processes_as_in_one(tmp_path, make_
     assert set(reference) == want
     for tasks in ("4", "8"):
       for mode, acc in pod["result"][name][tasks].items():
-        assert acc == reference[mode], (name, tasks, mode)
+        differ = int(np.sum(np.asarray(acc) != np.asarray(reference[mode])))
+        assert differ <= (1 if mode == "ensemble" else 0), (name, tasks, mode, differ)  # see the next test
     assert len(reference[next(iter(want))]) == int(dict(c.split("=") for c in counts.split(","))[name])
   # The random modes draw noise: LGM-Net's single draw scores differently from its mean (z = mu).
   assert reference is not None and one["result"]["lgmnet"]["4"]["single"] != one["result"]["lgmnet"]["4"]["mean"]
@@ -71,7 +72,8 @@ def test_accuracy_does_not_depend_on_eval_tasks(make_config):
   episode alike for eval.tasks 1, 2, 4 and 8, in one compiled call each. LGM-Net's ensemble is the
   one exception allowed: XLA:CPU may sum a convolution in another order for another batch size,
   and a vote of 10 draws flips where one draw's two best classes tie to float rounding (measured:
-  1 of 2,400 episode scores at tasks=2); its other episodes must agree."""
+  1 of 2,400 episode scores at tasks=2, and 1 of 600 in 2 processes at tasks=8); its other
+  episodes must agree."""
   data_dir = make_config().data.data_dir
   mesh = sharding.make_mesh(jax.devices()[:1])
   num = 48
@@ -162,7 +164,8 @@ def test_resume_after_sigterm_or_sigkill_is_bit_identical_to_no_fault(tmp_path, 
 
 def test_a_stuck_peer_ends_every_process_in_bounded_time(tmp_path, make_config):
   """Process 1 stops joining collectives but stays alive: process 0 ends after --stuck_timeout with
-  one line naming its phase and the last checkpoint (124); process 1 then loses the coordinator (75)."""
+  one line naming its phase and the last checkpoint (124), and tells process 1, which ends too, with
+  one line saying why (before JAX aborts it for the coordinator's loss)."""
   data_dir = make_config().data.data_dir
 
   def args(i, address):
@@ -172,13 +175,14 @@ def test_a_stuck_peer_ends_every_process_in_bounded_time(tmp_path, make_config):
   start = time.time()
   codes = _wait(_procs(args, 2, 2, tmp_path, "stuck"), timeout=300)
   errs = [_read(tmp_path / f"stuck{i}.err") for i in range(2)]
-  assert codes == [124, 75], (codes, errs[0][-2000:], errs[1][-2000:])
+  assert codes == [124, 124], (codes, errs[0][-2000:], errs[1][-2000:])
   assert time.time() - start < 240
   line0 = [l for l in errs[0].splitlines() if l.startswith("error:")]
   assert len(line0) == 1 and "did not complete within 15 s on process 0" in line0[0], line0
   assert "after step 8" in line0[0] and "the last checkpoint is step 8" in line0[0], line0
   line1 = [l for l in errs[1].splitlines() if l.startswith("error:")]
-  assert len(line1) == 1 and "coordinator (process 0) cannot be reached" in line1[0], line1
+  assert len(line1) == 1 and line1[0].startswith("error: process 0 ended the run (agreeing whether"), line1
+  assert "run the same command again (every process) to resume" in line1[0], line1
 
 
 def test_sigterm_stops_a_two_process_evaluation_promptly(tmp_path, make_config):
