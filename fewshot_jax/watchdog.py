@@ -22,6 +22,12 @@ last checkpoint). The thread acts on:
   seconds (killed, stopped, its host gone) or an unreachable coordinator -> exit
   75. JAX's own heartbeat (jax.distributed.initialize's heartbeat_timeout_seconds,
   100 s) aborts the survivors later with a C++ stack trace; ours comes first.
+- a failed collective (a peer killed: gloo's connection closes at once) raises
+  in the main thread; launch.py hands it to `end_now` (exit 75).
+
+A process that ends the run leaves its line in the coordination service and
+waits one heartbeat before exiting: JAX aborts every other process the moment
+the coordinator (process 0) is gone, so each peer's watchdog says why first.
 
 XLA's own collective timeouts (xla_cpu_collective_call_terminate_timeout_seconds,
 40 s, for devices of one process; gloo's TCP timeouts across processes) end a
@@ -146,13 +152,12 @@ class Watchdog:
           and time.monotonic() - since > s.stuck_timeout):
         self._end(EXIT_STUCK, self._line(
             f"error: {phase} did not complete within {s.stuck_timeout:.0f} s on process {jax.process_index()}: a "
-            "peer is stuck in a collective (or the phase needs longer: raise --stuck_timeout)"))
+            "peer is stuck in a collective (or the phase needs longer: raise --stuck_timeout)", every=True))
       if beat is not None:
         lost = beat.check()
         if isinstance(lost, tuple):  # a peer ended the run and said why
           code, peer, why = lost
-          self._end(code, self._line(f"error: process {peer} ended the run ({why.removeprefix('error: ')}) "
-                                     f"{_during(phase, last)}", every=True), tell_peers=False)
+          self._end(code, f"error: process {peer} ended the run: {why.removeprefix('error: ')}", tell_peers=False)
         if lost:
           self._end(EXIT_PEER_LOST, self._line(f"error: {lost} {_during(phase, last)}", every=True))
 

@@ -51,14 +51,14 @@ def test_every_method_scores_the_same_in_two_processes_as_in_one(tmp_path, make_
   data_dir = make_config().data.data_dir
   counts = "protonet=600,matchingnet=600,lgmnet=600,idemenet=32"
   one = _eval_json(tmp_path, data_dir, counts, "4", 1, 1, "one")
-  pod = _eval_json(tmp_path, data_dir, counts, "4,8", 2, 2, "pod")
+  pod = _eval_json(tmp_path, data_dir, counts, "8", 2, 2, "pod")
   assert (one["processes"], one["devices"], pod["processes"], pod["devices"]) == (1, 1, 2, 4)
   modes = {"protonet": {"default"}, "matchingnet": {"default"}, "lgmnet": {"single", "mean", "ensemble"},
            "idemenet": {"deformed", "plain"}}
   for name, want in modes.items():
     reference = one["result"][name]["4"]
     assert set(reference) == want
-    for tasks in ("4", "8"):
+    for tasks in ("8",):  # 2 tasks per device here, 4 on the one device there
       for mode, acc in pod["result"][name][tasks].items():
         differ = int(np.sum(np.asarray(acc) != np.asarray(reference[mode])))
         assert differ <= (1 if mode == "ensemble" else 0), (name, tasks, mode, differ)  # see the next test
@@ -76,8 +76,8 @@ def test_accuracy_does_not_depend_on_eval_tasks(make_config):
   episodes must agree."""
   data_dir = make_config().data.data_dir
   mesh = sharding.make_mesh(jax.devices()[:1])
-  num = 48
   for name, config in pod_eval._cases(data_dir).items():  # pylint: disable=protected-access
+    num = 16 if name == "idemenet" else 48  # IDeMe-Net's deformed mode is slow on this CPU
     method = methods.build(config)
     if name == "idemenet":
       dataset, images = pod_eval._toy_rgb(mesh)  # pylint: disable=protected-access
@@ -181,8 +181,8 @@ def test_a_stuck_peer_ends_every_process_in_bounded_time(tmp_path, make_config):
   assert len(line0) == 1 and "did not complete within 15 s on process 0" in line0[0], line0
   assert "after step 8" in line0[0] and "the last checkpoint is step 8" in line0[0], line0
   line1 = [l for l in errs[1].splitlines() if l.startswith("error:")]
-  assert len(line1) == 1 and line1[0].startswith("error: process 0 ended the run (agreeing whether"), line1
-  assert "run the same command again (every process) to resume" in line1[0], line1
+  assert len(line1) == 1 and line1[0].startswith("error: process 0 ended the run: agreeing whether"), line1
+  assert "the last checkpoint is step 8" in line1[0], line1
 
 
 def test_sigterm_stops_a_two_process_evaluation_promptly(tmp_path, make_config):
