@@ -18,6 +18,7 @@ from fewshot_jax.data import builders, image_folder, input_pipeline, sources
 from fewshot_jax.data.episodes import check_episode_fits
 from fewshot_jax.errors import ConfigError, DataError
 from tests.conftest import DATA, REPO, load_config
+from tests.test_more_datasets import _read  # pylint: disable=g-bad-import-order
 
 RED, WHITE = (200, 30, 10), (255, 255, 255)
 
@@ -25,15 +26,6 @@ RED, WHITE = (200, 30, 10), (255, 255, 255)
 def _builder(root, data_dir, size=16, **options):
   return builders.make_builder('image_folder', scheme='auto', image_size=size, data_dir=data_dir,
                                manual_dir=None if root is None else str(root), **options)
-
-
-def _read(builder):
-  """{split: (images, labels)} of a prepared builder."""
-  out = {}
-  for split, source in builder.as_data_source().items():
-    examples = source.__getitems__(list(range(len(source))))
-    out[split] = (np.stack([e['image'] for e in examples]), np.array([int(e['label']) for e in examples]))
-  return out
 
 
 def _solid(mode, size, value):
