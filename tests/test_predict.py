@@ -76,7 +76,7 @@ def episode_zero(model, dataset, accuracy: bool = False):
   episodes, task 0) and, with `accuracy`, the evaluator's per-episode accuracy of episode 0."""
   config = model.config
   sample_key, predict_key = evaluate.episode_keys(config)
-  sampling = dict(evaluate.protocol_sampling(config, "standard"), augment=None)  # floats = uint8 / 255
+  sampling = dict(evaluate.standard_sampling(config), augment=None)  # floats = uint8 / 255
   raw = jax.jit(lambda d: evaluate.sample_batch(sample_key, d, 0, 1, **sampling))(dataset)
   to_u8 = lambda x: np.asarray(jnp.round(x[0] * 255)).astype(np.uint8)
   evaluator = evaluate.Evaluator(model.method, config, sharding.make_mesh(), "test", config.eval.tasks,
