@@ -214,7 +214,8 @@ class _Heartbeat:
       ended = None
     if ended:
       code, peer, why = ended.split(" ", 2)
-      return int(code), int(peer), why
+      if int(peer) != self._me:  # (its own: this process is ending already)
+        return int(code), int(peer), why
     timeout = self._settings.peer_timeout
     for p in range(jax.process_count()):
       if p == self._me:
