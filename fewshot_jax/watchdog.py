@@ -170,6 +170,8 @@ class Watchdog:
       return  # the trainer checkpoints at the next step boundary (preemption.StopRequests)
     if self.saving:  # a second signal: the main thread may still act on it (exit 130 itself)
       time.sleep(self.settings.grace)
+    elif jax.process_count() > 1 and jax.process_index() == 0:  # the coordinator goes last: JAX aborts the
+      time.sleep(self.settings.grace)  # others (rc -6, no line of ours) the moment it is gone
     with self._lock:
       phase, last = self._phase, self._last
     what = f"stopped {'at once ' if self.saving else ''}by {_NAMES[signum]} {_during(phase, last)}"
@@ -234,7 +236,8 @@ def _tell_peers(code: int, message: str, wait: float) -> None:
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.global_state.client.key_value_set(_END_KEY, f"{code} {jax.process_index()} {message}")
-    time.sleep(wait + 1.0)
+    if jax.process_index() == 0:  # only the coordinator's exit takes the others down with it
+      time.sleep(wait + 1.0)
   except Exception:  # pylint: disable=broad-exception-caught  # another process said it first, or no coordinator
     pass
 

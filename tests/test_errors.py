@@ -293,7 +293,8 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tfds_dir)
     result = launch("--mode=train", f"--workdir={disk / 'w'}", "--config.train.steps=40",
                     "--config.train.checkpoint_every=10", "--config.train.steps_per_call=10",
                     "--config.train.log_every=10", "--config.train.eval_every=20", tfds_dir=tfds_dir)
-    user_error(result, "cannot write a checkpoint", str(disk / "w" / "checkpoints"), "the disk is full")
+    # Step 20 validates: its best checkpoint is written first (train._save), and fails first.
+    user_error(result, "cannot write a checkpoint", str(disk / "w" / "best"), "the disk is full")
     assert sorted(os.listdir(disk / "w" / "checkpoints"))[0] == "10"
   finally:
     subprocess.run(["umount", str(disk)], check=False)
