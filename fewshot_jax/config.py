@@ -80,10 +80,12 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_steps=0, weight_decay=0.0, grad_clip=0.0, keep_checkpoints=2))
   # eval.protocol: 'standard' (every method's: eval.episodes episodes of eval.queries queries per
   # class, no augmentation, evaluate.py) or one of the method's own (its PROTOCOLS, e.g. 'reference',
-  # which scores eval.reference_tasks tasks).
+  # which scores eval.reference_tasks tasks). eval.data: '' evaluates data.* on eval.split; 'NAME:SPLIT'
+  # (or 'NAME': eval.split) another dataset's split, cross-domain (parse_eval_data,
+  # evaluate.load_eval), its files in eval.data_manual_dir ('': the record's under $FEWSHOT_DATA_DIR).
   c.eval = ml_collections.ConfigDict(dict(
       episodes=600, split="test", queries=15, tasks=8, seed=1234, val_episodes=300,
-      checkpoint="best", protocol="standard", reference_tasks=8000))
+      checkpoint="best", protocol="standard", reference_tasks=8000, data="", data_manual_dir=""))
   return c
 
 
@@ -173,8 +175,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"train.lr={c.train.lr} must be a finite number > 0")
   if c.train.nonfinite not in NONFINITE:
     raise ConfigError(f"train.nonfinite={c.train.nonfinite!r} is unknown; valid: {list(NONFINITE)}")
-  if c.eval.split not in ("train", "val", "test"):
-    raise ConfigError(f"eval.split={c.eval.split!r} is unknown; valid: ['train', 'val', 'test']")
+  if c.eval.split not in EVAL_SPLITS:
+    raise ConfigError(f"eval.split={c.eval.split!r} is unknown; valid: {list(EVAL_SPLITS)}")
+  parse_eval_data(c)
   if c.eval.checkpoint not in ("best", "latest"):
     raise ConfigError(f"eval.checkpoint={c.eval.checkpoint!r} is unknown; valid: ['best', 'latest']")
   if c.model.conv_impl not in layers.CONV_IMPLS:
@@ -184,6 +187,26 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   base = base_config()
   methods.check_config(c, train_defaults=base.train)
   return c
+
+
+EVAL_SPLITS = ("train", "val", "test")
+
+
+def parse_eval_data(c: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(dataset name, split) evaluation scores: eval.data's ('NAME:SPLIT', or 'NAME' with eval.split), or
+  (data.name, eval.split) when it is ''. A name other than data.name is a cross-domain evaluation."""
+  value = c.eval.get("data", "")
+  if not value:
+    return c.data.name, c.eval.split
+  if not isinstance(value, str) or value.count(":") > 1:
+    raise ConfigError(f"eval.data={value!r} must be NAME or NAME:SPLIT; valid names: {list(registry.NAMES)}")
+  name, colon, split = value.partition(":")
+  if name not in registry.NAMES:
+    raise ConfigError(f"eval.data={value!r} names an unknown dataset {name!r}; valid: {list(registry.NAMES)}")
+  split = split if colon else c.eval.split
+  if split not in EVAL_SPLITS:
+    raise ConfigError(f"eval.data={value!r} names an unknown split {split!r}; valid: {list(EVAL_SPLITS)}")
+  return name, split
 
 
 LOOPS = ("auto", "scan", "python")

@@ -26,10 +26,12 @@ import ml_collections
 import numpy as np
 
 from fewshot_jax import checkpoint
+from fewshot_jax import config as config_lib
 from fewshot_jax import multihost
 from fewshot_jax import restore
 from fewshot_jax import sharding
 from fewshot_jax import watchdog
+from fewshot_jax.data import augment
 from fewshot_jax.data import episodes
 from fewshot_jax.data import input_pipeline
 from fewshot_jax.methods import common
@@ -142,28 +144,66 @@ class Evaluator:
             "modes": modes}
 
 
+def eval_source(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """The config whose data.* reads a cross-domain evaluation's dataset (config_lib.parse_eval_data), or None
+  in-domain: the named dataset's record (its builder, stored size and channels, default scheme, options,
+  placement) with its files in eval.data_manual_dir, else its folder under $FEWSHOT_DATA_DIR; data.data_dir
+  (where prepared datasets are kept) stays the training config's."""
+  name, _ = config_lib.parse_eval_data(config)
+  if name == config.data.name:
+    return None
+  source = config.copy_and_resolve_references()
+  with source.unlocked():
+    source.data = config_lib.base_config().data
+    config_lib.apply_dataset(source, name)
+    source.data.data_dir = config.data.data_dir
+    source.data.manual_dir = config.eval.get("data_manual_dir") or config_lib.default_manual_dir(name)
+  return source
+
+
+def load_eval(config: ml_collections.ConfigDict, mesh=None) -> episodes.DeviceDataset:
+  """The split evaluation scores (config_lib.parse_eval_data) on the devices of `mesh`.
+
+  Cross-domain, the other dataset's split is read as eval_source says and its images converted to the
+  training data's channel count (augment.to_channels); the evaluator then resizes them to the model's input
+  size and normalises them with the training data.mean / data.std, as it does the training data's.
+  """
+  _, split = config_lib.parse_eval_data(config)
+  source = eval_source(config)
+  if source is None:
+    return input_pipeline.load(config, split, mesh)
+  dataset = input_pipeline.load(source, split, mesh)
+  convert = jax.jit(lambda x: augment.to_channels(x, input_pipeline.channels(config)), out_shardings=dataset.images.sharding)
+  return dataset.replace(images=convert(dataset.images))
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, watch=None) -> dict:
   """Scores the best (or latest) checkpoint on eval.split under eval.protocol.
 
   Adds the result to <workdir>/eval_<split>.json under `result_key` (protocol,
-  task, queries, checkpoint), so evaluations of other tasks or protocols
-  accumulate beside it. The protocol says how many episodes it scores (the standard
-  one eval.episodes). `watch` (watchdog.Watchdog) bounds the scoring.
+  task, queries, checkpoint; cross-domain the evaluated dataset first), so
+  evaluations of other tasks, protocols or datasets accumulate beside it. The
+  protocol says how many episodes it scores (the standard one eval.episodes).
+  eval.data names another dataset's split (cross-domain: evaluate.load_eval);
+  the checkpoint is still checked against the training data.* (config.data).
+  `watch` (watchdog.Watchdog) bounds the scoring.
   """
   config, mesh = sharding.setup(config)
   method, state = restore.load_for_eval(config, workdir, mesh, config.eval.checkpoint)
   num = protocols(method)[config.eval.protocol].episodes(config)
-  evaluator = Evaluator(method, config, mesh, config.eval.split, num)
-  with (watch or watchdog.NoWatchdog()).phase(f"the {config.eval.split} evaluation"):
-    result = {"method": config.method.name, "dataset": config.data.name, "split": config.eval.split,
-              "ways": config.episode.ways, "shots": config.episode.shots,
+  name, split = config_lib.parse_eval_data(config)
+  evaluator = Evaluator(method, config, mesh, split, num, dataset=load_eval(config, mesh))
+  with (watch or watchdog.NoWatchdog()).phase(f"the {name}:{split} evaluation"):
+    result = {"method": config.method.name, "dataset": config.data.name, "split": split,
+              "eval_data": f"{name}:{split}", "ways": config.episode.ways, "shots": config.episode.shots,
               **evaluator.run(state.params, state.model_state), "step": int(state.step),
               "checkpoint": config.eval.checkpoint}
     if method.figures is not None:
-      result.update(write_figures(method, state, config, evaluator, workdir))
+      tag = split if name == config.data.name else f"{name}_{split}"
+      result.update(write_figures(method, state, config, evaluator, workdir, tag))
   if not multihost.is_main():
     return result
-  path = os.path.join(workdir, f"eval_{config.eval.split}.json")
+  path = os.path.join(workdir, f"eval_{split}.json")
   written = {}
   if os.path.exists(path):
     with open(path) as f:
@@ -176,12 +216,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, watch=N
 
 
 def result_key(result: dict) -> str:
-  """'standard/5w1s/75q/best': what an entry of eval_<split>.json measured."""
-  return (f"{result['protocol']}/{result['ways']}w{result['shots']}s/{result['queries_per_episode']}q/"
-          f"{result['checkpoint']}")
+  """'standard/5w1s/75q/best': what an entry of eval_<split>.json measured; a cross-domain entry (its
+  eval_data another dataset than the training one) starts with it: 'NAME:SPLIT/standard/5w1s/75q/best'."""
+  key = (f"{result['protocol']}/{result['ways']}w{result['shots']}s/{result['queries_per_episode']}q/"
+         f"{result['checkpoint']}")
+  data = result.get("eval_data", "")
+  return key if not data or data.partition(":")[0] == result["dataset"] else f"{data}/{key}"
 
 
-def write_figures(method, state, config, evaluator: Evaluator, workdir: str) -> dict:
+def write_figures(method, state, config, evaluator: Evaluator, workdir: str, tag: str) -> dict:
   """The method's evaluation figures, on the first eval.tasks episodes of the standard protocol
   (with one query per class), so the figure of every checkpoint shows the same supports."""
   sampling = {**standard_sampling(config), "queries": 1}
@@ -194,5 +237,5 @@ def write_figures(method, state, config, evaluator: Evaluator, workdir: str) -> 
     return method.figures.compute(params, model_state, episode, keys)
 
   data = jax.device_get(figure_data(state.params, state.model_state, evaluator.dataset))
-  title = f"{config.method.name} step {int(state.step)}, {config.eval.split} episodes"
-  return method.figures.write(data, workdir, config.eval.split, title)
+  title = f"{config.method.name} step {int(state.step)}, {tag} episodes"
+  return method.figures.write(data, workdir, tag, title)

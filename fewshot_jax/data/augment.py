@@ -21,6 +21,23 @@ def normalise(images: jax.Array, mean, std) -> jax.Array:
   return (images.astype(jnp.float32) - mean) / std
 
 
+def to_channels(images: jax.Array, channels: int) -> jax.Array:
+  """uint8 [..., C] images with `channels` channels (1 or 3), integer-exact, unchanged when C == channels:
+  grey -> RGB repeats the channel; RGB -> grey is the ITU-R 601-2 luma
+  L = (19595 R + 38470 G + 7471 B + 2^15) >> 16, PIL's convert('L') bit for bit (as image folders
+  and --convert_channels make grey images)."""
+  have = images.shape[-1]
+  if have == channels:
+    return images
+  if (have, channels) == (1, 3):
+    return jnp.repeat(images, 3, axis=-1)
+  if (have, channels) == (3, 1):
+    rgb = images.astype(jnp.uint32)
+    luma = rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000
+    return (luma >> 16).astype(jnp.uint8)[..., None]
+  raise ValueError(f"cannot convert {have}-channel images to {channels} channels; valid: 1 (grey), 3 (RGB)")
+
+
 def resize(images: jax.Array, size: int, center_crop: float = 1.0) -> jax.Array:
   """Bilinear (antialiased when shrinking) resize of square [..., H, W, C] images to size x size.
 
