@@ -193,14 +193,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, watch=N
   num = protocols(method)[config.eval.protocol].episodes(config)
   name, split = config_lib.parse_eval_data(config)
   evaluator = Evaluator(method, config, mesh, split, num, dataset=load_eval(config, mesh))
-  with (watch or watchdog.NoWatchdog()).phase(f"the {name}:{split} evaluation"):
+  what = split if name == config.data.name else f"{name}:{split}"
+  with (watch or watchdog.NoWatchdog()).phase(f"the {what} evaluation"):
     result = {"method": config.method.name, "dataset": config.data.name, "split": split,
               "eval_data": f"{name}:{split}", "ways": config.episode.ways, "shots": config.episode.shots,
               **evaluator.run(state.params, state.model_state), "step": int(state.step),
               "checkpoint": config.eval.checkpoint}
     if method.figures is not None:
-      tag = split if name == config.data.name else f"{name}_{split}"
-      result.update(write_figures(method, state, config, evaluator, workdir, tag))
+      result.update(write_figures(method, state, config, evaluator, workdir, what.replace(":", "_")))
   if not multihost.is_main():
     return result
   path = os.path.join(workdir, f"eval_{split}.json")

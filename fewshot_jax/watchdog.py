@@ -58,7 +58,7 @@ _END_KEY = "fewshot_jax/end"  # why a process ended the run: its peers' watchdog
 @dataclasses.dataclass
 class Settings:
   stuck_timeout: float = 600.0  # seconds; 0: never (launch.py --stuck_timeout)
-  peer_timeout: float = 40.0  # seconds without a peer's heartbeat
+  peer_timeout: float = 40.0  # seconds without a peer's heartbeat (launch.py --peer_timeout)
   heartbeat_every: float = 2.0
   grace: float = 2.0  # after a second signal, time for the main thread to act on it first
   repeat_window: float = preemption.REPEAT_WINDOW
