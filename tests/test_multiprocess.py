@@ -111,9 +111,9 @@ def test_two_processes_train_and_evaluate_as_one(tmp_path):
   assert len(prepared) == 1 and "[process" not in prepared[0], prepared
   config = _config(data_dir)
 
-  # The same config in one process of 4 devices, uninterrupted, the images replicated.
+  # The same training in one process of 4 devices, the images replicated.
   single = tmp_path / "single"
-  assert _wait(_start(single, data_dir, logs, processes=1, devices=4, tag="single")) == [0]
+  assert _wait(_start(single, data_dir, logs, processes=1, devices=4, tag="single", extra=("--mode=train",))) == [0]
   # Step 4: equal up to summation order. Each update moves the parameters ~7e-3 relative, so a wrong
   # gradient average or a different episode would show as 1e-3 or more; the rounding is 1e-7.
   (_, a), (_, b) = _latest_params(config, pod, 4), _latest_params(config, single, 4)

@@ -141,8 +141,9 @@ def test_short_omniglot_run_learns(make_config, tmp_path):
   with open(tmp_path / "eval_test.json") as f:
     written = json.load(f)
   assert written == {"standard/5w1s/75q/best": result}
-  assert set(result) == {"method", "dataset", "split", "ways", "shots", "protocol", "queries_per_episode",
-                         "episodes", "accuracy", "ci95", "mode", "modes", "step", "checkpoint"}
+  assert set(result) == {"method", "dataset", "split", "eval_data", "ways", "shots", "protocol",
+                         "queries_per_episode", "episodes", "accuracy", "ci95", "mode", "modes", "step", "checkpoint"}
+  assert result["eval_data"] == "omniglot:test"
   # Another task evaluated on the same checkpoint is added beside it.
   config.episode.ways = 20
   twenty = evaluate.evaluate_checkpoint(config, str(tmp_path))
