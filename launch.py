@@ -221,6 +221,9 @@ def _run_mode(config, watch):
   from fewshot_jax import multihost  # pylint: disable=g-import-not-at-top
   from fewshot_jax import preemption  # pylint: disable=g-import-not-at-top
   try:
+    if FLAGS.mode in ("convert", "export", "compare", "predict") and config.eval.get("data", ""):
+      _fail(f"--config.eval.data={config.eval.data!r} is read by --mode=eval and train_eval only; "
+            f"--mode={FLAGS.mode} uses the training data.* (drop the flag)")
     if FLAGS.mode == "convert":
       if not FLAGS.torch_checkpoint:
         _fail("--mode=convert needs --torch_checkpoint=PATH")

@@ -148,3 +148,18 @@ def test_bad_eval_data_is_one_line(value, message):
   with pytest.raises(ConfigError, match=message) as e:
     config_lib.validate(c)
   assert '\n' not in str(e.value)
+
+
+def test_modes_that_do_not_read_eval_data_refuse_it(tmp_path):
+  """--mode=compare / export / predict / convert score or write the training data's model only: a cross-domain
+  flag there is one line and exit 2, not silently ignored."""
+  import subprocess
+  import sys
+  from tests.conftest import REPO
+  for mode in ('compare', 'predict'):
+    run = subprocess.run([sys.executable, str(REPO / 'launch.py'), f'--mode={mode}', f'--workdir={tmp_path}',
+                          '--config.eval.data=cub:test'], cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr[-2000:]
+    assert (f"--config.eval.data='cub:test' is read by --mode=eval and train_eval only; --mode={mode}"
+            in run.stderr), run.stderr
+  assert not any(tmp_path.iterdir())
