@@ -133,8 +133,8 @@ flags.DEFINE_list("local_device_ids", None, "With --distributed: the local devic
 flags.DEFINE_float("stuck_timeout", 600.0, "With several processes: a phase (a training call, validation, "
                    "evaluation, a checkpoint) that has not completed after this many seconds ends every process "
                    "with one line (a peer stuck in a collective); 0: never. Raise it for phases that take longer.")
-flags.DEFINE_float("peer_timeout", 40.0, "With several processes: a peer whose heartbeat (every 2 s, through "
-                   "the coordinator) is this many seconds old is taken as lost (killed, stopped, its host gone) "
+flags.DEFINE_float("peer_timeout", 40.0, "With several processes: a peer whose heartbeat (written every few "
+                   "seconds through the coordinator) is this many seconds old is taken as lost (killed, stopped, its host gone) "
                    "and every process ends with one line, exit 75.")
 flags.DEFINE_string("support", None, "With --mode=predict: a folder with one folder of images per class "
                     "(the folder names are the class names).")
@@ -204,9 +204,10 @@ def main(argv):
     _fail(f"cannot load --config: {_one_line(e)}; methods: {sorted(os.listdir(os.path.join(_HERE, 'configs')))}")
   if not FLAGS.stuck_timeout >= 0:
     _fail(f"--stuck_timeout={FLAGS.stuck_timeout} must be >= 0 seconds (0: never)")
-  if not FLAGS.peer_timeout >= 10:
-    _fail(f"--peer_timeout={FLAGS.peer_timeout} must be >= 10 seconds (5 heartbeats)")
   from fewshot_jax import watchdog  # pylint: disable=g-import-not-at-top
+  if not FLAGS.peer_timeout >= 5 * watchdog.Settings.heartbeat_every:
+    _fail(f"--peer_timeout={FLAGS.peer_timeout} must be >= {5 * watchdog.Settings.heartbeat_every:g} seconds "
+          "(5 heartbeats)")
   settings = watchdog.Settings(stuck_timeout=FLAGS.stuck_timeout, peer_timeout=FLAGS.peer_timeout)
   with watchdog.watching(settings) as watch:
     _run_mode(config, watch)

@@ -73,6 +73,24 @@ def _variables(method, config, mesh, dataset, images):
   return variables.pop("params"), variables
 
 
+def score(config, mesh, runs) -> dict:
+  """{tasks: {mode: per-episode accuracies}} of one case (its toy model) for each (eval.tasks, episodes)
+  of `runs`, all on the same episodes (episode i keyed by its index)."""
+  from fewshot_jax import evaluate, methods  # pylint: disable=g-import-not-at-top
+  from fewshot_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  method = methods.build(config)
+  if config.method.name == "idemenet":
+    dataset, images = _toy_rgb(mesh)
+  else:
+    dataset, images = input_pipeline.load(config, "test", mesh), None
+  params, state = _variables(method, config, mesh, dataset, images)
+  scores = {}
+  for tasks, num in runs:
+    config.eval.tasks = tasks
+    scores[tasks] = evaluate.Evaluator(method, config, mesh, "test", num, dataset=dataset).per_episode(params, state)
+  return scores
+
+
 def main(argv):
   out, data_dir, tasks = argv[1], argv[2], [int(t) for t in argv[4].split(",")]
   counts = {k: int(v) for k, v in (item.split("=") for item in argv[3].split(","))}
@@ -81,25 +99,16 @@ def main(argv):
     multihost.initialize(argv[5], int(argv[6]), int(argv[7]))
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from fewshot_jax import evaluate, methods, sharding  # pylint: disable=g-import-not-at-top
-  from fewshot_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from fewshot_jax import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   result, seconds = {}, {}
   for name, config in _cases(data_dir).items():
     if name not in counts:
       continue
-    method = methods.build(config)
-    if name == "idemenet":
-      dataset, images = _toy_rgb(mesh)
-    else:
-      dataset, images = input_pipeline.load(config, "test", mesh), None
-    params, state = _variables(method, config, mesh, dataset, images)
-    result[name], start = {}, time.time()
-    for t in tasks:
-      config.eval.tasks = t
-      evaluator = evaluate.Evaluator(method, config, mesh, "test", counts[name], dataset=dataset)
-      per_mode = evaluator.per_episode(params, state)
-      result[name][str(t)] = {m: np.asarray(a, np.float64).tolist() for m, a in per_mode.items()}
+    start = time.time()
+    scores = score(config, mesh, [(t, counts[name]) for t in tasks])
+    result[name] = {str(t): {m: np.asarray(a, np.float64).tolist() for m, a in per_mode.items()}
+                    for t, per_mode in scores.items()}
     seconds[name] = time.time() - start
   if jax.process_index() == 0:
     with open(out, "w") as f:

@@ -12,8 +12,6 @@ import time
 import jax
 import numpy as np
 
-from fewshot_jax import evaluate
-from fewshot_jax import methods
 from fewshot_jax import restore
 from fewshot_jax import sharding
 from tests import pod_eval
@@ -65,19 +63,7 @@ def test_every_method_scores_each_episode_alike_for_any_batching_and_process_cou
   modes = {"protonet": {"default"}, "matchingnet": {"default"}, "lgmnet": {"single", "mean", "ensemble"},
            "idemenet": {"deformed", "plain"}}
   for name, config in pod_eval._cases(data_dir).items():  # pylint: disable=protected-access
-    method = methods.build(config)
-    if name == "idemenet":
-      dataset, images = pod_eval._toy_rgb(mesh)  # pylint: disable=protected-access
-    else:
-      from fewshot_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-      dataset, images = input_pipeline.load(config, "test", mesh), None
-    params, state = pod_eval._variables(method, config, mesh, dataset, images)  # pylint: disable=protected-access
-    scores = {}
-    for tasks in (8, 1):
-      config.eval.tasks = tasks
-      num = _COUNTS[name] if tasks == 8 else (16 if name == "idemenet" else 48)
-      scores[tasks] = evaluate.Evaluator(method, config, mesh, "test", num, dataset=dataset).per_episode(
-          params, state)
+    scores = pod_eval.score(config, mesh, [(8, _COUNTS[name]), (1, 16 if name == "idemenet" else 48)])
     reference = scores[8]
     assert set(reference) == modes[name] and all(len(a) == _COUNTS[name] for a in reference.values())
     others = [(1, scores[1]), ("pod", pod["result"][name]["8"])]
