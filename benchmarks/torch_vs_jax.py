@@ -45,6 +45,7 @@ from fewshot_jax import xla_setup  # pylint: disable=g-import-not-at-top
 
 xla_setup.set_cpu_defaults()  # as launch.py: before JAX creates its backend
 
+from fewshot_jax import compat  # pylint: disable=g-import-not-at-top
 from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from fewshot_jax import methods
 from fewshot_jax.data import episodes
@@ -372,7 +373,6 @@ def profile_jax(step, carry, fixed, episode, steps: int):
   host plane; the carry is the stepped one (the step donates its input)."""
   import glob  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
-  from jax._src.lib import _profile_data  # pylint: disable=g-import-not-at-top
   kinds = _jax_op_kinds(step.lower(carry, fixed, episode).compile().as_text())
   with tempfile.TemporaryDirectory() as tmp:
     jax.profiler.start_trace(tmp)
@@ -380,7 +380,7 @@ def profile_jax(step, carry, fixed, episode, steps: int):
       carry, loss = step(carry, fixed, episode)
     jax.block_until_ready((carry, loss))
     jax.profiler.stop_trace()
-    data = _profile_data.ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[-1])
+    data = compat.profile_data().from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[-1])
   totals = {}
   for plane in data.planes:
     for line in plane.lines:

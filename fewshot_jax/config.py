@@ -258,6 +258,23 @@ def train_ways(c) -> int:
   return c.episode.train_ways or c.episode.ways
 
 
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # configs/ in a checkout
+
+
+def packaged_configs() -> list[str]:
+  """The names of the config files shipped in the package (`--config=<name>:<preset>`)."""
+  return sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
+
+
+def resolve_config_arg(value: str) -> str:
+  """`<name>:<preset>` (a packaged config: `<method>:<preset>`) -> that file's path:preset;
+  anything else (a path to a config file, with or without :preset) is returned unchanged."""
+  name, sep, preset = value.partition(":")
+  if name in packaged_configs() and not os.path.exists(name):
+    return os.path.join(CONFIG_DIR, name + ".py") + sep + preset
+  return value
+
+
 def load_module(path: str):
   """A config file as a module (its get_config, PRESETS), e.g. for a config file built on another."""
   name = "_fewshot_cfg_" + os.path.splitext(os.path.basename(path))[0]

@@ -46,6 +46,7 @@ import time
 
 import jax
 
+from fewshot_jax import jax_internals
 from fewshot_jax import preemption
 
 EXIT_STUCK = 124  # as `timeout` reports a command it ended
@@ -82,6 +83,7 @@ class Watchdog:
     self._previous_fd = None
     self._stop = threading.Event()
     self._thread = None
+    self._client = None  # the coordination service's key-value store (several processes)
 
   # The main thread's side.
   def start(self) -> "Watchdog":
@@ -91,6 +93,7 @@ class Watchdog:
       self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
       for s in _NAMES:  # wake-up bytes are written for signals with a Python handler: this thread acts
         signal.signal(s, lambda signum, frame: None)
+    self._client = jax_internals.coordination_client() if jax.process_count() > 1 else None
     self._thread = threading.Thread(target=self._run, name="fewshot-watchdog", daemon=True)
     self._thread.start()
     return self
@@ -127,13 +130,13 @@ class Watchdog:
   def _end(self, code: int, message: str, tell_peers: bool = True) -> None:
     print(message, file=self._out, flush=True)
     if tell_peers and jax.process_count() > 1:  # before the coordinator (process 0) goes: JAX aborts the
-      _tell_peers(code, message, self.settings.heartbeat_every)  # others when it does, naming nothing
+      _tell_peers(self._client, code, message, self.settings.heartbeat_every)  # others when it does, naming nothing
     os._exit(code)  # pylint: disable=protected-access
 
   def _run(self) -> None:
     s = self.settings
     self._read.settimeout(1.0)
-    beat = _Heartbeat(s) if jax.process_count() > 1 else None
+    beat = _Heartbeat(s, self._client) if self._client is not None else None
     while not self._stop.is_set():
       try:
         data = self._read.recv(64)
@@ -188,9 +191,8 @@ class _Heartbeat:
   """Liveness through the coordination service's key-value store: one key per process, its value
   the writer's count of beats; a peer whose count has not moved for peer_timeout seconds is lost."""
 
-  def __init__(self, settings: Settings):
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-    self._client = distributed.global_state.client
+  def __init__(self, settings: Settings, client):
+    self._client = client
     self._settings = settings
     self._me = jax.process_index()
     self._beats = 0
@@ -231,11 +233,12 @@ class _Heartbeat:
     return None
 
 
-def _tell_peers(code: int, message: str, wait: float) -> None:
+def _tell_peers(client, code: int, message: str, wait: float) -> None:
   """Leaves `message` for the peers' watchdogs, then gives them time to read it (one heartbeat)."""
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  if client is None:  # no key-value store (jax_internals): JAX's own abort tells the peers
+    return
   try:
-    distributed.global_state.client.key_value_set(_END_KEY, f"{code} {jax.process_index()} {message}")
+    client.key_value_set(_END_KEY, f"{code} {jax.process_index()} {message}")
     if jax.process_index() == 0:  # only the coordinator's exit takes the others down with it
       time.sleep(wait + 1.0)
   except Exception:  # pylint: disable=broad-exception-caught  # another process said it first, or no coordinator

@@ -117,8 +117,15 @@ def commands(lines: list[str], first_line: int = 1):
     if any(s in line for s in SKIP):
       continue
     tokens = _tokens(line)
-    for i, token in enumerate(tokens[:-1]):
-      if _PYTHON.match(token) and tokens[i + 1].endswith(".py"):
+    for i, token in enumerate(tokens):
+      if token == "fewshot-jax":  # the installed command: launch.py's program
+        args = []
+        for arg in tokens[i + 1:]:
+          if arg in _SEPARATORS or arg == "done":
+            break
+          args.append(arg)
+        found.append((start, "fewshot-jax", args))
+      elif i + 1 < len(tokens) and _PYTHON.match(token) and tokens[i + 1].endswith(".py"):
         args = []
         for arg in tokens[i + 2:]:
           if arg in _SEPARATORS or arg == "done":
@@ -133,7 +140,7 @@ def launch_flags():
   """({name: (is_bool, enum values or None)} of every flag `python launch.py` accepts, the default
   --config, the names absl itself defines), from importing launch.py in a fresh interpreter (its
   flags are defined at import; main is not run)."""
-  probe = ("import json, launch\n"
+  probe = ("import json\nfrom fewshot_jax import main as launch\n"
            "F = launch.FLAGS\n"
            "print(json.dumps({'default_config': launch._DEFAULT_CONFIG, 'flags': {n: [F[n].boolean, "
            "getattr(F[n].parser, 'enum_values', None)] for n in F}, 'absl': [f.name for m, fs in "
@@ -182,7 +189,7 @@ def check_launch(args: list[str]) -> list[str]:
       problems.append(f"--{name}: launch.py defines no such flag")
   if _PLACEHOLDER.search(config_arg):  # a template such as configs/<method>.py:<preset>
     return problems
-  path, _, preset = config_arg.partition(":")
+  path, _, preset = config_lib.resolve_config_arg(config_arg).partition(":")  # <method>:<preset> too
   file = REPO / path
   if not file.is_file():
     return problems + [f"--config={config_arg}: no file {path}"]
@@ -243,7 +250,7 @@ def _problems(document) -> tuple[list[str], int]:
   text = document.read_text()
   for first, lines in fenced_blocks(text) + code_spans(text):
     for line, script, args in commands(lines, first):
-      if script.endswith("launch.py"):
+      if script.endswith("launch.py") or script == "fewshot-jax":
         found = check_launch(args)
       elif re.match(r"(\./)?benchmarks/\w+\.py$", script):
         found = check_benchmark(script.removeprefix("./"), args)
@@ -278,6 +285,7 @@ python3 launch.py $C --mode=eval   # a comment --not_a_flag
 gcloud compute tpus tpu-vm ssh NAME --command="cd fewshot_jax && \\
   python launch.py --distributed --workdir=/mnt/lgm"
 FEWSHOT_DATA_DIR=../shared/data python benchmarks/throughput.py --steps=5 && python -m pytest -q
+cd /tmp && fewshot-jax --config=protonet:synthetic --mode=eval
 """.splitlines()
   assert commands(block, 10) == [
       (12, "launch.py", ["--distributed", "--process_id=$i", "--config=configs/protonet.py:synthetic",
@@ -285,6 +293,7 @@ FEWSHOT_DATA_DIR=../shared/data python benchmarks/throughput.py --steps=5 && pyt
       (15, "launch.py", ["--config.data.input_size=84", "--mode=eval"]),
       (16, "launch.py", ["--distributed", "--workdir=/mnt/lgm"]),
       (18, "benchmarks/throughput.py", ["--steps=5"]),
+      (19, "fewshot-jax", ["--config=protonet:synthetic", "--mode=eval"]),
   ]
 
 
@@ -294,6 +303,8 @@ FEWSHOT_DATA_DIR=../shared/data python benchmarks/throughput.py --steps=5 && pyt
     (["extra_argument"], "takes only flags"),
     (["--config=configs/no_such_method.py:synthetic"], "no file configs/no_such_method.py"),
     (["--config=configs/protonet.py:no-such-preset"], "--config=configs/protonet.py:no-such-preset"),
+    (["--config=protonet:no-such-preset"], "--config=protonet:no-such-preset"),
+    (["--config=no_such_method:synthetic"], "no file no_such_method"),
     (["--config=configs/protonet.py:synthetic", "--config.train.no_such_key=1"], "--config.train.no_such_key"),
     (["--config=configs/protonet.py:synthetic", "--config.method.cosine_scale=1"], "--config.method.cosine_scale"),
 ])

@@ -56,7 +56,7 @@ _METHOD_NAMES = re.compile(r"idemenet|lgmnet|protonet|matchingnet|IDeMe|LGM"
                            # and what describes one method's parts instead of naming it
                            r"|weight.generator|deformation|meta.?net|gnet|patch.?mix|soft.?random|TF code",
                            re.IGNORECASE)
-_METHOD_HOMES = ("methods", "models", "torch_reference")  # and configs/, outside the package
+_METHOD_HOMES = ("methods", "models", "torch_reference", "configs")
 
 
 def test_no_method_is_named_outside_its_own_files():
@@ -84,7 +84,8 @@ def test_no_dataset_is_named_outside_data():
   package = REPO / "fewshot_jax"
   files = [REPO / name for name in ("launch.py", "setup.cfg", "pyproject.toml", ".ci/run")] + [
       p for p in sorted(package.rglob("*"))
-      if p.is_file() and p.suffix in (".py", ".txt", ".csv", ".md") and p.relative_to(package).parts[0] != "data"]
+      if p.is_file() and p.suffix in (".py", ".txt", ".csv", ".md")
+      and p.relative_to(package).parts[0] not in ("data", "configs")]
   hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in files
           for i, line in enumerate(p.read_text().splitlines(), 1)
           if _DATASET_NAMES.search(line) and not line.startswith("fewshot_jax.data =")]
