@@ -6,14 +6,13 @@
 
 Images in, either
   * uint8 pixels as image files hold them: an array [n, H, W, C] or a list of [H, W] / [H, W, C] arrays
-    of any sizes (C: 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA). Each is first made what the dataset's builder
-    stores (its record's `stored_image`: the dataset's channels, the whole image resized to
-    data.image_size with the builder's resampling; an ink dataset's record may read dark ink on light
-    paper, as its scans), then
-    normalised and resized on the device by evaluation's own path (augment.from_config(training=False):
-    data.mean / data.std, data.input_size, data.center_crop). An image of the other channel count
-    (grey for an RGB model, colour for a grey one) is an error unless convert_channels=True; an alpha
-    channel is dropped, as the builders do. Or
+    of any sizes (C: 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA), or files (`read_images`). Each is first made
+    what the dataset's builder stores, by the builder's own reading (the record's `read_image`,
+    data/image_files.py: orientation, transparency over white, 16-bit, conversion to the dataset's
+    channels by the one channel rule, the whole image resized to data.image_size with the builder's
+    resampling; an ink dataset's record reads dark ink on light paper, as its scans), then normalised
+    and resized on the device by evaluation's own path (augment.from_config(training=False):
+    data.mean / data.std, data.input_size, data.center_crop). Or
   * float32 [n, S, S, C], already preprocessed: the model's input (S = data.input_size, normalised), as
     the evaluator's episodes hold it; used as given.
 Out: numpy arrays.
@@ -35,11 +34,10 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from fewshot_jax.data import common
 from fewshot_jax.errors import CheckpointError, ConfigError, DataError
 
 DEFAULT_BATCH = 128
-# PIL modes of one grey band (with or without alpha); every other mode is colour.
-_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _ARRAY_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
@@ -147,37 +145,19 @@ class Model:
 
   # ------------------------------------------------------------ images
 
-  def _check_channels(self, mode: str, where: str, convert_channels: bool) -> None:
-    got = 1 if mode in _GREY_MODES else 3
-    if got != self.channels and not convert_channels:
-      kind = lambda c: "grey" if c == 1 else "colour"
-      raise DataError(f"{where} is a {kind(got)} image (mode {mode}) but the model takes {kind(self.channels)} "
-                      f"images ({self.config.data.name}); convert it, or allow the conversion with "
-                      "--convert_channels (convert_channels=True)")
+  def _read(self, source, where: str) -> np.ndarray:
+    """One image as the dataset's builder stores it: its record's read_image (data/image_files.py)."""
+    return self.record.read_image(source, where, self.image_size, self.channels)
 
-  def _stored(self, im, where: str, convert_channels: bool) -> np.ndarray:
-    from fewshot_jax.data import sources  # pylint: disable=import-outside-toplevel
-    self._check_channels(im.mode, where, convert_channels)
-    try:
-      return self.record.stored_image(im, self.image_size, self.channels)
-    except sources.DECODE_ERRORS as e:
-      raise DataError(f"cannot read {where}: {e}") from None
-
-  def read_images(self, paths: Sequence[str], convert_channels: bool = False) -> np.ndarray:
-    """Image files (any format PIL reads, any size) -> uint8 [n, S, S, C] as the dataset stores its
-    images; an unreadable file is one DataError naming it."""
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-    from fewshot_jax.data import sources  # pylint: disable=import-outside-toplevel
+  def read_images(self, paths: Sequence[str]) -> np.ndarray:
+    """Image files (any format PIL reads, any size and mode) -> uint8 [n, S, S, C], each exactly the
+    array the dataset's builder stores for that file; an unreadable file is one DataError naming it."""
     out = np.zeros((len(paths), self.image_size, self.image_size, self.channels), np.uint8)
     for i, path in enumerate(paths):
-      try:
-        with Image.open(path) as im:
-          out[i] = self._stored(im, f"image {path}", convert_channels)
-      except sources.DECODE_ERRORS as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
+      out[i] = self._read(path, f"image {path}")
     return out
 
-  def prepare(self, images, convert_channels: bool = False) -> np.ndarray:
+  def prepare(self, images) -> np.ndarray:
     """uint8 images (see the module docstring) -> uint8 [n, S, S, C] as the dataset stores its images;
     float32 [n, S, S, C] preprocessed inputs are checked and returned as they are."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
@@ -199,7 +179,7 @@ class Model:
       if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in _ARRAY_MODES)) or 0 in image.shape:
         raise DataError(f"image {i} has shape {image.shape}; expected [H, W] or [H, W, C] with C in 1..4")
       im = Image.fromarray(image, "L" if image.ndim == 2 else _ARRAY_MODES[image.shape[-1]])
-      out[i] = self._stored(im, f"image {i}", convert_channels)
+      out[i] = self._read(im, f"image {i}")
     return out
 
   def _check_inputs(self, x: np.ndarray, what: str) -> np.ndarray:
@@ -224,8 +204,7 @@ class Model:
     if labels.min(initial=0) < 0 or missing:
       problem = "negative labels" if labels.min() < 0 else f"no support of class {missing[0]}"
       raise DataError(f"support_labels must be 0..N-1 with every class present; {problem}")
-    if ways < 2:
-      raise DataError(f"a task needs at least 2 classes; the supports hold {ways}")
+    common.check_ways(ways, "the supports hold", DataError)
     if self.method.max_ways is not None and ways > self.method.max_ways:
       raise ConfigError(f"{ways} classes are more than {self.method.name} takes in one task (at most "
                         f"{self.method.max_ways})")
@@ -306,13 +285,13 @@ class Model:
       yield _fetch(*pending)
 
   def predict(self, support_images, support_labels, query_images, *, mode: str | None = None,
-              batch_size: int = DEFAULT_BATCH, convert_channels: bool = False) -> tuple[np.ndarray, np.ndarray]:
+              batch_size: int = DEFAULT_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """(labels [Q] int, probabilities [Q, N] float32) of the queries of one task.
 
     support_labels: [S] ints, 0..N-1, every class at least once. mode: one of `modes` (default: the
     checkpoint mode). Queries go `batch_size` (or all, when fewer) per compiled call."""
-    support = self.prepare(support_images, convert_channels)
-    query = self.prepare(query_images, convert_channels)
+    support = self.prepare(support_images)
+    query = self.prepare(query_images)
     if not len(query):
       raise DataError("no query images")
     batch = max(1, min(int(batch_size), len(query)))
@@ -320,12 +299,12 @@ class Model:
     outs = list(self.predict_batches(support, support_labels, batches, mode=mode, batch_size=batch))
     return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
-  def embed(self, images, *, batch_size: int = DEFAULT_BATCH, convert_channels: bool = False) -> np.ndarray:
+  def embed(self, images, *, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
     """The method's shared-network features [n, ...] of the images: Method.embed, which each method's
     file documents (a backbone's features, or the task-independent part of a network whose final
     embedding depends on the task)."""
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    x = self.prepare(images, convert_channels)
+    x = self.prepare(images)
     fn = self._embed_fn()
     if not len(x):
       raise DataError("no images to embed")

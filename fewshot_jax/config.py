@@ -15,6 +15,7 @@ import os
 
 import ml_collections
 
+from fewshot_jax.data import common as data_common
 from fewshot_jax.data import registry
 from fewshot_jax.errors import ConfigError
 
@@ -147,9 +148,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key, value in positive.items():
     if not isinstance(value, int) or value < 1:
       raise ConfigError(f"{key}={value!r} must be a positive integer")
-  if c.episode.ways < 2:
-    raise ConfigError(f"episode.ways={c.episode.ways} must be >= 2: a 1-way task has one answer, right "
-                      "whatever the model (100% accuracy, nothing learned)")
+  data_common.check_ways(c.episode.ways, f"episode.ways={c.episode.ways} asks for")
   if c.episode.query_sampling not in QUERY_SAMPLING:
     raise ConfigError(f"episode.query_sampling={c.episode.query_sampling!r} is unknown; "
                       f"valid: {list(QUERY_SAMPLING)}")
@@ -169,8 +168,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"train.optimizer={c.train.optimizer!r} is unknown; valid: {list(OPTIMIZERS)}")
   if not 0.0 <= c.augment.flip_prob <= 1.0:
     raise ConfigError(f"augment.flip_prob={c.augment.flip_prob} must lie in [0, 1]")
-  if c.episode.train_ways < 0 or c.episode.train_ways == 1:
+  if c.episode.train_ways < 0:
     raise ConfigError(f"episode.train_ways={c.episode.train_ways} must be 0 (= episode.ways) or >= 2")
+  if c.episode.train_ways:
+    data_common.check_ways(c.episode.train_ways, f"episode.train_ways={c.episode.train_ways} (0: episode.ways) "
+                           "asks for")
   if not (c.train.lr > 0 and math.isfinite(c.train.lr)):
     raise ConfigError(f"train.lr={c.train.lr} must be a finite number > 0")
   if c.train.nonfinite not in NONFINITE:

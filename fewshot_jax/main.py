@@ -151,8 +151,6 @@ flags.DEFINE_string("predict_mode", None, "With --mode=predict: one of the metho
 flags.DEFINE_integer("predict_batch", 128, "With --mode=predict: query images per compiled call.")
 flags.DEFINE_integer("shots", None, "With --mode=predict: use the first K images (by name) of each class; "
                      "default all, the counts may differ.")
-flags.DEFINE_bool("convert_channels", False, "With --mode=predict: convert grey images for an RGB model "
-                  "(and colour ones for a grey model) instead of stopping at the first.")
 FLAGS = flags.FLAGS
 
 
@@ -293,8 +291,7 @@ def _predict(config):
     overrides = {k: _config_value(config, k) for k in keys}
     config = None
   predict.main(FLAGS.workdir, FLAGS.support, FLAGS.query, config=config, overrides=overrides, out=FLAGS.out,
-               mode=FLAGS.predict_mode, batch_size=FLAGS.predict_batch, shots=FLAGS.shots,
-               convert_channels=FLAGS.convert_channels)
+               mode=FLAGS.predict_mode, batch_size=FLAGS.predict_batch, shots=FLAGS.shots)
 
 
 def _config_value(config, key: str):

@@ -6,8 +6,9 @@ query, {"path", "label", "probabilities": {class: p}}, in the order of the sorte
 stdout or atomically to --out; then one JSON line {"summary": {...}} on stderr. The output is written
 only once every query is predicted, so an error leaves nothing half-written.
 
-Files: in a folder or a glob's matches, only files with an image extension PIL opens are read; the
-others (notes, .DS_Store, hidden files) are skipped and counted in a `warning:` line and the summary;
+Files: in a folder or a glob's matches, only visible files with an extension of image_files.EXTENSIONS
+are read (the image-folder dataset's listing: the same extensions, skipped entries and messages); the
+others (notes, .DS_Store, hidden files, __MACOSX) are skipped and counted in a `warning:` line and the summary;
 an image file that does not decode is an error naming it (a support or query silently dropped would
 change the task). Files named in a comma-separated --query are always read.
 """
@@ -19,83 +20,47 @@ import sys
 import time
 
 from fewshot_jax import api
+from fewshot_jax.data import common, image_files
 from fewshot_jax.errors import ConfigError, DataError
 
 _GLOB_CHARS = ("*", "?", "[")
 
 
-def image_extensions() -> frozenset:
-  """Lower-case extensions ('.png', ...) of the formats PIL can open."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  Image.init()
-  return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-
-
-def _is_image(path: str, extensions) -> bool:
-  return os.path.splitext(path)[1].lower() in extensions
-
-
 def list_support(folder: str, shots: int | None = None):
-  """(class names, [paths of each class], skipped paths) of a support folder; one DataError when it is
-  not one: not a folder, no class folders, one class, an empty class, fewer than `shots` images."""
+  """(class names, [paths of each class], skipped paths) of a support folder, listed as the image-folder
+  dataset lists its root (image_files.list_classes); one DataError when it is not one: not a folder, no
+  class folders, an image beside them, fewer than 2 classes, an empty class, fewer than `shots` images."""
   if not os.path.isdir(folder):
     raise DataError(f"--support={folder} is not a directory (it must hold one folder of images per class)")
-  extensions = image_extensions()
-  names, paths, skipped, loose = [], [], [], []
-  for entry in sorted(os.listdir(folder)):
-    path = os.path.join(folder, entry)
-    if entry.startswith("."):
-      skipped.append(path)
-    elif os.path.isdir(path):
-      names.append(entry)
-    else:
-      if _is_image(path, extensions):
-        loose.append(entry)
-      else:
-        skipped.append(path)
-  if not names:
-    raise DataError(f"--support={folder} holds no class folders (one folder per class, its images inside)"
-                    + (f"; it holds {len(loose)} image(s) directly" if loose else ""))
-  if loose:
-    raise DataError(f"--support={folder} holds image {loose[0]} outside a class folder: put each class's "
-                    "images in a folder named after the class")
-  if len(names) < 2:
-    raise DataError(f"--support={folder} holds one class only ({names[0]}); a task needs at least 2 classes")
-  for name in names:
-    files = []
-    for entry in sorted(os.listdir(os.path.join(folder, name))):
-      path = os.path.join(folder, name, entry)
-      if not entry.startswith(".") and os.path.isfile(path) and _is_image(path, extensions):
-        files.append(path)
-      else:
-        skipped.append(path)
-    if not files:
-      raise DataError(f"class folder {os.path.join(folder, name)} holds no images")
+  classes, skipped = image_files.list_classes(folder, f"--support={folder}", "--support=DIR/<class>/<image>")
+  common.check_ways(len(classes), f"--support={folder} holds", DataError)
+  names, paths = [], []
+  for name, files in classes:
     if shots is not None:
       if len(files) < shots:
         raise DataError(f"class {name} of --support={folder} has {len(files)} image(s), fewer than --shots={shots}")
       files = files[:shots]
+    names.append(name)
     paths.append(files)
-  return names, paths, skipped
+  return names, paths, [os.path.join(folder, p) for p in skipped]
 
 
 def list_queries(spec: str):
   """(query paths, skipped paths) of --query: comma-separated parts, each a folder (searched recursively),
   a glob, or a file (a whole spec that names an existing folder or file is taken as one part)."""
-  extensions = image_extensions()
   found, skipped = [], []
   parts = [spec] if os.path.exists(spec) else [p.strip() for p in spec.split(",") if p.strip()]
   for part in parts:
     if os.path.isdir(part):
       for root, dirs, files in os.walk(part):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if image_files.visible(d))
         for name in sorted(files):
           path = os.path.join(root, name)
-          (found if not name.startswith(".") and _is_image(path, extensions) else skipped).append(path)
+          (found if image_files.is_image(name) else skipped).append(path)
     elif any(c in part for c in _GLOB_CHARS):
       for path in sorted(glob.glob(part, recursive=True)):
         if os.path.isfile(path):
-          (found if _is_image(path, extensions) else skipped).append(path)
+          (found if image_files.is_image(os.path.basename(path)) else skipped).append(path)
     elif os.path.isfile(part):
       found.append(part)  # named: read whatever its extension
     else:
@@ -115,7 +80,7 @@ def check_out(out: str | None) -> None:
 
 def main(workdir: str, support: str, query: str, *, config=None, overrides: dict | None = None,
          out: str | None = None, mode: str | None = None, batch_size: int = api.DEFAULT_BATCH,
-         shots: int | None = None, convert_channels: bool = False, progress: bool = True,
+         shots: int | None = None, progress: bool = True,
          stdout=None, stderr=None) -> dict:
   """--mode=predict: the inputs are listed (their errors come first, in seconds), then the workdir's
   model is loaded (api.load) and `run`."""
@@ -126,8 +91,8 @@ def main(workdir: str, support: str, query: str, *, config=None, overrides: dict
   check_out(out)
   inputs = Inputs.list(support, query, shots)
   model = api.load(workdir, config=config, overrides=overrides)
-  return run(model, inputs, out=out, mode=mode, batch_size=batch_size, convert_channels=convert_channels,
-             progress=progress, stdout=stdout, stderr=stderr)
+  return run(model, inputs, out=out, mode=mode, batch_size=batch_size, progress=progress, stdout=stdout,
+             stderr=stderr)
 
 
 class Inputs:
@@ -144,7 +109,7 @@ class Inputs:
 
 
 def run(model: "api.Model", inputs: Inputs, *, out: str | None = None, mode: str | None = None,
-        batch_size: int = api.DEFAULT_BATCH, convert_channels: bool = False, progress: bool = True,
+        batch_size: int = api.DEFAULT_BATCH, progress: bool = True,
         stdout=None, stderr=None) -> dict:
   """Predicts every query of `inputs` with `model`; writes the JSON lines (stdout or `out`) and the
   summary line (stderr); returns the summary. The supports are decoded before any query."""
@@ -160,22 +125,17 @@ def run(model: "api.Model", inputs: Inputs, *, out: str | None = None, mode: str
   support_paths = [p for paths in class_paths for p in paths]
   labels = [i for i, paths in enumerate(class_paths) for _ in paths]
   model.check_labels(labels, len(labels))  # the method's way limit, before any decoding
-  support_images = model.read_images(support_paths, convert_channels)
+  support_images = model.read_images(support_paths)
   batch = min(batch_size, len(queries))
   chunks = [queries[i:i + batch] for i in range(0, len(queries), batch)]
   bar = _progress(len(queries), stderr, progress)
   predicted = []
-  try:
+  with bar:  # closed (its line ended) before an error propagates: `error: ...` starts a line of its own
     for chunk_labels, chunk_probs in model.predict_batches(
-        support_images, labels, (model.read_images(c, convert_channels) for c in chunks), mode=mode,
+        support_images, labels, (model.read_images(c) for c in chunks), mode=mode,
         batch_size=batch):
       predicted.append((chunk_labels, chunk_probs))
       bar.update(len(chunk_labels))
-  except BaseException:
-    bar.leave = False  # cleared, so that the error line starts its own line
-    raise
-  finally:
-    bar.close()
   lines, counts = [], [0] * len(names)
   flat = [(l, p) for chunk_labels, chunk_probs in predicted for l, p in zip(chunk_labels, chunk_probs)]
   for path, (label, probs) in zip(queries, flat):
@@ -201,12 +161,13 @@ def run(model: "api.Model", inputs: Inputs, *, out: str | None = None, mode: str
 
 class _NoBar:
 
-  leave = True
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
 
   def update(self, n):
-    pass
-
-  def close(self):
     pass
 
 

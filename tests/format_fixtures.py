@@ -11,6 +11,9 @@ packaged split list is present, with `per_class` small images each.
   a dict of label_specific / label_general (int arrays) and their *_str lists.
 * CUB_200_2011: images/<class>/<file>.jpg, images.txt, image_class_labels.txt,
   classes.txt, train_test_split.txt; or CUB_200_2011.tgz.
+
+`adversarial` encodes the files a reading can get wrong (transparency, palette transparency, 16 bits,
+EXIF orientation, CMYK, grey among colour); the writers take it as `encode` to hold such files.
 """
 
 import io
@@ -88,9 +91,10 @@ def tiered_image(i: int, size: int = 84) -> np.ndarray:
   return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def write_tiered_pickles(root: pathlib.Path, per_class: int = 1, pool: int = 0) -> pathlib.Path:
+def write_tiered_pickles(root: pathlib.Path, per_class: int = 1, pool: int = 0, encode=None) -> pathlib.Path:
   """The authors' pickles for every listed class. pool > 0 reuses `pool` distinct images
-  (fast to generate at benchmark sizes; each list item is still its own array)."""
+  (fast to generate at benchmark sizes; each list item is still its own array). encode(i) -> (ext, bytes)
+  of the i-th item over all splits, instead of a PNG of tiered_image(i)."""
   root.mkdir(parents=True, exist_ok=True)
   encoded = [np.frombuffer(_png(tiered_image(i)), np.uint8).reshape(-1, 1) for i in range(pool)]
   count = 0
@@ -100,8 +104,8 @@ def write_tiered_pickles(root: pathlib.Path, per_class: int = 1, pool: int = 0) 
     specific = np.repeat(np.arange(len(rows), dtype=np.int32), per_class)
     items = []
     for _ in specific:
-      items.append(encoded[count % pool].copy() if pool else
-                   np.frombuffer(_png(tiered_image(count)), np.uint8).reshape(-1, 1))
+      data = encode(count)[1] if encode else None if pool else _png(tiered_image(count))
+      items.append(encoded[count % pool].copy() if data is None else np.frombuffer(data, np.uint8).reshape(-1, 1))
       count += 1
     with open(root / f'{split}_images_png.pkl', 'wb') as f:
       pickle.dump(items, f, protocol=2)
@@ -124,16 +128,21 @@ def write_tiered_folder(root: pathlib.Path) -> pathlib.Path:
   return root
 
 
-def write_cub(root: pathlib.Path, per_class: int = 1, layout: str = 'folder') -> pathlib.Path:
-  """CUB_200_2011 with the real class folder names, per_class JPEGs (non-square) per class."""
+def write_cub(root: pathlib.Path, per_class: int = 1, layout: str = 'folder', encode=None) -> pathlib.Path:
+  """CUB_200_2011 with the real class folder names, per_class JPEGs (non-square) per class; encode(i) ->
+  (ext, bytes) of the i-th image (0-based, images.txt order) instead."""
   folder = root / 'CUB_200_2011'
   names = sorted(row[0] for split in sources.SPLITS for row in sources.class_list('cub', split))
   images, labels = [], []
   for c, name in enumerate(names, start=1):
     (folder / 'images' / name).mkdir(parents=True)
     for k in range(per_class):
-      rel = f'{name}/{name.split(".", 1)[1]}_{k:04d}_{c}.jpg'
-      Image.fromarray(tiered_image(c * 10 + k, 100)[:, :80]).save(folder / 'images' / rel, quality=90)
+      ext, data = encode(len(images)) if encode else ('.jpg', None)
+      rel = f'{name}/{name.split(".", 1)[1]}_{k:04d}_{c}{ext}'
+      if data is None:
+        Image.fromarray(tiered_image(c * 10 + k, 100)[:, :80]).save(folder / 'images' / rel, quality=90)
+      else:
+        (folder / 'images' / rel).write_bytes(data)
       images.append(rel)
       labels.append(c)
   (folder / 'classes.txt').write_text(''.join(f'{c} {n}\n' for c, n in enumerate(names, start=1)))
@@ -146,3 +155,42 @@ def write_cub(root: pathlib.Path, per_class: int = 1, layout: str = 'folder') ->
     import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(folder)
   return root
+
+
+KINDS = ('rgba', 'palette', 'sixteen', 'exif', 'cmyk', 'grey')
+
+
+def adversarial(kind: str, seed: int, size=(70, 50)) -> tuple[str, bytes]:
+  """(extension, bytes) of one file of `kind` (KINDS), width x height `size`, content distinct per seed:
+  rgba: RGBA PNG, a third fully transparent over dark colour, a third half transparent; palette: P PNG
+  whose index 1 is transparent; sixteen: 16-bit grey PNG ('I;16', values 0..65535 with 25700 -> 100);
+  exif: JPEG stored sideways with EXIF orientation 6; cmyk: CMYK JPEG; grey: 8-bit grey PNG."""
+  w, h = size
+  base = tiered_image(seed, max(w, h))[:h, :w]
+  out = io.BytesIO()
+  if kind == 'rgba':
+    alpha = np.full((h, w), 255, np.uint8)
+    alpha[:, : w // 3], alpha[:, w // 3: 2 * w // 3] = 0, 128
+    Image.fromarray(np.dstack([base // 4, alpha]), 'RGBA').save(out, 'PNG')
+  elif kind == 'palette':
+    palette = Image.fromarray(base).quantize(16)
+    index = np.asarray(palette).copy()
+    index[: h // 2, : w // 2] = 1
+    im = Image.fromarray(index, 'P')
+    im.putpalette(palette.getpalette())
+    im.save(out, 'PNG', transparency=1)
+  elif kind == 'sixteen':
+    values = base[..., 0].astype(np.uint32) * 257 + (np.arange(w)[None] * 37 % 257)
+    values[0, :4] = (25700, 65535, 0, 128)
+    Image.fromarray(values.astype(np.uint16)).save(out, 'PNG')
+  elif kind == 'exif':
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.fromarray(np.ascontiguousarray(np.rot90(base))).save(out, 'JPEG', quality=90, exif=exif.tobytes())
+  elif kind == 'cmyk':
+    Image.fromarray(base).convert('CMYK').save(out, 'JPEG', quality=90)
+  elif kind == 'grey':
+    Image.fromarray(base).convert('L').save(out, 'PNG')
+  else:
+    raise ValueError(kind)
+  return ('.jpg' if kind in ('exif', 'cmyk') else '.png'), out.getvalue()

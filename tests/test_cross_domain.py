@@ -5,6 +5,7 @@ generated `synthetic` dataset: no real copy is needed."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -58,7 +59,9 @@ def _expected(stored, channels, mean, std, size):
 
 
 def _check_episode(c, stored):
-  """Every support and query image of an evaluation batch is the numpy preprocessing of a stored image."""
+  """Every support and query image of an evaluation batch is the numpy preprocessing of ITS OWN stored image:
+  the batch is drawn again with the evaluator's key from the dataset with each image's index written in
+  its pixels (no augmentation), which tells the stored image of every slot."""
   c, mesh = sharding.setup(c)
   expected = _expected(stored, input_pipeline.channels(c), c.data.mean, c.data.std, augment.input_size(c))
   dataset = evaluate.load_eval(c, mesh)
@@ -66,9 +69,17 @@ def _check_episode(c, stored):
   _, episode = next(evaluator.episode_batches())
   images = np.concatenate([np.asarray(episode.support).reshape((-1,) + expected.shape[1:]),
                            np.asarray(episode.query).reshape((-1,) + expected.shape[1:])])
-  for image in images[:6]:
-    error = np.abs(expected - image).reshape(len(expected), -1).max(1)
-    assert error.min() < 1e-4, error.min()
+  tags = np.zeros(dataset.images.shape, np.uint8)
+  tags[:, 0, 0, 0], tags[:, 0, 1, 0] = np.arange(len(tags)) % 256, np.arange(len(tags)) // 256
+  tagged = dataset.replace(images=jax.device_put(tags, dataset.images.sharding))
+  sampling = dict(evaluate.standard_sampling(c), augment=None)  # floats = uint8 / 255
+  raw = jax.jit(lambda d: evaluate.sample_batch(evaluate.episode_keys(c)[0], d, 0, evaluator.tasks, **sampling))(
+      tagged)
+  index = lambda x: np.round(np.asarray(x)[..., 0, 0, 0] * 255 + np.asarray(x)[..., 0, 1, 0] * 255 * 256)
+  own = np.concatenate([index(raw.support).reshape(-1), index(raw.query).reshape(-1)]).astype(int)
+  assert len(stored) == len(tags) and len(own) == len(images) and len(set(own.tolist())) > len(own) // 2
+  for i, (image, k) in enumerate(zip(images, own)):
+    np.testing.assert_allclose(image, expected[k], atol=1e-4, err_msg=f'episode image {i}, stored image {k}')
 
 
 @pytest.fixture(scope='module')

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, features
 
 from fewshot_jax import config as config_lib
-from fewshot_jax.data import builders, image_folder, input_pipeline, sources
+from fewshot_jax.data import builders, image_files, input_pipeline, sources
 from fewshot_jax.data.episodes import check_episode_fits
 from fewshot_jax.errors import ConfigError, DataError
 from tests.conftest import DATA, REPO, load_config
@@ -171,7 +171,7 @@ def test_a_changed_folder_is_prepared_again(tmp_path, monkeypatch):
   (root / 'class00' / 'notes.txt').write_text('not part of the data')  # not an image: same dataset
   same = _builder(root, tmp_path)
   assert same.is_prepared() and same.builder_config.name == first.builder_config.name
-  monkeypatch.setattr(image_folder, 'decode', lambda *a: (_ for _ in ()).throw(AssertionError('decoded')))
+  monkeypatch.setattr(image_files.Image, 'open', lambda *a: (_ for _ in ()).throw(AssertionError('decoded')))
   builders.prepare(same)  # read, not decoded again
   monkeypatch.undo()
   train = first.info.metadata['classes']['train'][0]
@@ -304,12 +304,27 @@ def test_class_smaller_than_an_episode(tmp_path):
     check_episode_fits(train, c.episode.ways, c.episode.shots, c.episode.queries, 'train')
 
 
+def test_a_split_of_one_class_says_what_to_add(tmp_path):
+  """3 class folders split 0.64 / 0.16 / 0.2: train gets 1 class, and `use episode.ways <= 1` would be advice
+  the next check refuses; the message says what to add instead."""
+  root = _flat(tmp_path / 'flat', classes=3, per_class=2)
+  c = load_config('protonet', 'folder-5w1s')
+  c.data.manual_dir, c.data.data_dir, c.data.image_size = str(root), str(tmp_path / 'tfds'), 16
+  train = input_pipeline.load(c, 'train')
+  with pytest.raises(ConfigError) as e:
+    check_episode_fits(train, 5, 1, 1, 'train')
+  message = str(e.value)
+  assert message.startswith("episode.ways=5 is larger than the 1 classes of split 'train', and a task needs at "
+                            "least 2: add classes to split 'train' (more class folders, or data.split_fractions")
+  assert '<= 1' not in message and '\n' not in message
+
+
 def test_one_way_is_rejected_for_every_preset():
   for path in sorted((REPO / 'configs').glob('*.py')):
     for preset in config_lib.load_module(str(path)).PRESETS:
       c = config_lib.load_file(str(path), preset)
       c.episode.ways = 1
-      with pytest.raises(ConfigError, match=r'^episode.ways=1 must be >= 2'):
+      with pytest.raises(ConfigError, match=r'^episode.ways=1 asks for 1 class; a task needs at least 2'):
         config_lib.validate(c)
   c = load_config('protonet', 'synthetic')
   c.episode.train_ways = 1
@@ -321,7 +336,7 @@ def test_launch_prints_one_line_and_exits_2(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TQDM_DISABLE='1')
   broken = _corrupt_jpeg(tmp_path / 'images')
   for flags, needle in (
-      (['--config=configs/protonet.py:synthetic', '--config.episode.ways=1'], 'error: episode.ways=1 must be >= 2'),
+      (['--config=configs/protonet.py:synthetic', '--config.episode.ways=1'], 'error: episode.ways=1 asks for 1 class; a task needs at least 2'),
       (['--config=configs/protonet.py:folder-5w1s', f'--config.data.manual_dir={tmp_path / "images"}'],
        f'error: cannot decode image {broken}')):
     run = subprocess.run([sys.executable, 'launch.py', *flags, f'--workdir={tmp_path / "work"}',

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fewshot_jax import config as config_lib
-from fewshot_jax.data import cifar, registry, sources, tiered_imagenet
+from fewshot_jax.data import cifar, image_files, registry, sources, tiered_imagenet
 from fewshot_jax.data.builders import make_builder, prepare
 from fewshot_jax.errors import DataError
 from tests import format_fixtures as ff
@@ -143,7 +143,7 @@ def test_second_prepare_does_not_decode(fixtures, tmp_path, monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError('decoded again')
   monkeypatch.setattr(cifar, 'read_cifar100', fail)
-  monkeypatch.setattr(sources, 'decode_image', fail)
+  monkeypatch.setattr(image_files.Image, 'open', fail)  # no file decoded
   for name, manual in (('cifar_fs', fixtures['cifar_tar']), ('cub', fixtures['cub'])):
     assert prepare(_builder(name, tmp_path, manual)).is_prepared()
 

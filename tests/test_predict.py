@@ -7,6 +7,7 @@ the evaluator's own JAX predictions of that episode give, in every mode.
 """
 
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -30,7 +31,6 @@ from fewshot_jax import train
 from fewshot_jax.data import input_pipeline
 from fewshot_jax.data import omniglot
 from fewshot_jax.data import registry
-from fewshot_jax.data import sources
 from fewshot_jax.errors import CheckpointError, ConfigError, DataError
 from fewshot_jax.methods import idemenet
 from tests.conftest import REPO, load_config
@@ -217,9 +217,8 @@ def test_image_files_of_any_format_size_and_mode(proto, tmp_path):
   with Image.open(tmp_path / "big.jpg") as im:  # resized whole as the synthetic generator downsamples
     want = np.asarray(im.convert("L").resize((28, 28), Image.Resampling.BOX))
   np.testing.assert_array_equal(model.read_images([str(tmp_path / "big.jpg")])[0, :, :, 0], want)
-  with pytest.raises(DataError, match=r"rgba.png is a colour image \(mode RGBA\).*grey.*--convert_channels"):
-    model.read_images([str(tmp_path / "rgba.png")])
-  converted = model.read_images([str(tmp_path / "rgba.png")], convert_channels=True)
+  # A colour file for a grey model: converted by the one channel rule, as the builders convert theirs.
+  converted = model.read_images([str(tmp_path / "rgba.png")])
   np.testing.assert_array_equal(converted[0, :, :, 0], glyph)
   # Arrays: the same preparation as files.
   np.testing.assert_array_equal(model.prepare([glyph, big[..., None]]), model.read_images(
@@ -227,26 +226,26 @@ def test_image_files_of_any_format_size_and_mode(proto, tmp_path):
           (28, 28), Image.Resampling.BOX))[..., None].tolist()])
 
 
-def test_dataset_records_prepare_users_images_as_their_builders():
+def test_dataset_records_read_users_images_as_their_builders():
+  """Each record's read_image against an independent reference (Pillow directly) on a plain RGB JPEG and
+  an Omniglot scan; tests/test_image_reading.py checks every record's builder against prediction on files
+  a reading can get wrong."""
   rng = np.random.default_rng(2)
   photo = rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)
-  import io
   buffer = io.BytesIO()
   Image.fromarray(photo).save(buffer, format="JPEG")
   data = buffer.getvalue()
-  mini = registry.get("mini_imagenet")
-  with Image.open(io.BytesIO(data)) as im:
-    np.testing.assert_array_equal(mini.stored_image(im, 84), sources.decode_image(
-        data, "x", 84, Image.Resampling.LANCZOS))
-  cub = registry.get("cub")
-  with Image.open(io.BytesIO(data)) as im:
-    np.testing.assert_array_equal(cub.stored_image(im, 84), sources.decode_image(data, "x", 84))
+  for name, resample in (("mini_imagenet", Image.Resampling.LANCZOS), ("cub", Image.Resampling.BICUBIC),
+                         ("image_folder", Image.Resampling.BICUBIC)):
+    with Image.open(io.BytesIO(data)) as im:
+      want = np.asarray(im.convert("RGB").resize((84, 84), resample))
+    np.testing.assert_array_equal(registry.get(name).read_image(data, "x", 84, 3), want, err_msg=name)
   scan = rng.random((105, 105)) < 0.2  # an Omniglot scan: ink on white paper
   image = Image.fromarray(np.where(scan, 0, 255).astype(np.uint8))
-  np.testing.assert_array_equal(registry.get("omniglot").stored_image(image, 28)[:, :, 0],
+  np.testing.assert_array_equal(registry.get("omniglot").read_image(image, "scan", 28, 1)[:, :, 0],
                                 omniglot.resize_ink(scan[None], 28)[0])
   for record in registry.DATASETS:
-    assert record.stored_image(image, 20).shape == (20, 20, record.channels), record.name
+    assert record.read_image(image, "scan", 20, record.channels).shape == (20, 20, record.channels), record.name
 
 
 # ---------------------------------------------------------------- bad input
@@ -272,15 +271,18 @@ def test_bad_inputs_are_one_error_each(proto, tmp_path):
   with pytest.raises(DataError, match=r"class a of --support=.* has 2 image\(s\), fewer than --shots=3"):
     run(shots=3)
   os.makedirs(tmp_path / "support" / "empty")
-  with pytest.raises(DataError, match=r"class folder .*empty holds no images"):
+  with pytest.raises(DataError, match=r"class folder .*empty holds no image \(extensions: .bmp"):
     run()
   os.rmdir(tmp_path / "support" / "empty")
   one = tmp_path / "one"
   _folders(one, classes=(("only", 2),))
-  with pytest.raises(DataError, match="holds one class only \\(only\\); a task needs at least 2 classes"):
+  with pytest.raises(DataError, match="--support=.*one/support holds 1 class; a task needs at least 2"):
     run(s=str(one / "support"))
-  with pytest.raises(DataError, match="holds no class folders"):
+  with pytest.raises(DataError, match=r"--support=.*query holds image .*0.png outside a class folder \(3 in all\)"):
     run(s=query)
+  (tmp_path / "flat").mkdir()
+  with pytest.raises(DataError, match=r"--support=.*flat holds no class folder; expected --support=DIR/<class>/"):
+    run(s=str(tmp_path / "flat"))
   with pytest.raises(DataError, match=r"--query=.*\*.jpeg matches no image file"):
     run(q=os.path.join(query, "*.jpeg"))
   (tmp_path / "notes").mkdir()
@@ -297,14 +299,18 @@ def test_bad_inputs_are_one_error_each(proto, tmp_path):
   limited.__dict__.update(model.__dict__, method=dataclasses.replace(model.method, max_ways=1))
   with pytest.raises(ConfigError, match="2 classes are more than protonet takes in one task \\(at most 1\\)"):
     predict.run(limited, predict.Inputs.list(support, query), progress=False)
-  Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / "support" / "b" / "colour.png")
-  with pytest.raises(DataError, match=r"image .*b/colour.png is a colour image \(mode RGB\)"):
-    run()
-  os.remove(tmp_path / "support" / "b" / "colour.png")
   (tmp_path / "support" / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-  with pytest.raises(DataError, match=r"cannot read image .*b/broken.jpg"):
+  with pytest.raises(DataError, match=r"cannot decode image .*b/broken.jpg"):
     run()
   os.remove(tmp_path / "support" / "b" / "broken.jpg")
+  # An error after the progress bar started: the bar's line is ended first, so `error: ...` has its own.
+  (tmp_path / "query" / "2.png").write_bytes(b"\x89PNG not a png")
+  bar = io.StringIO()
+  with pytest.raises(DataError, match=r"cannot decode image .*query/2.png"):
+    predict.run(model, predict.Inputs.list(support, query), progress=True, stderr=bar, stdout=io.StringIO())
+  if not os.environ.get("TQDM_DISABLE"):  # (a cleared bar would end in "\r", and the error would share its line)
+    assert "predict:" in bar.getvalue() and bar.getvalue().endswith("\n"), repr(bar.getvalue()[-200:])
+  _folders(tmp_path)  # 2.png restored
   # Non-image files are skipped and counted.
   (tmp_path / "support" / "a" / "notes.txt").write_text("x")
   (tmp_path / "query" / ".DS_Store").write_bytes(b"x")
@@ -323,7 +329,7 @@ def test_launch_errors_are_one_line_and_write_nothing(proto, tmp_path):
   (tmp_path / "query" / "3.jpg").write_bytes(b"\xff\xd8\xff\xe0" + data[4:200])  # a truncated JPEG, batch 2
   out = tmp_path / "pred.jsonl"
   common = (f"--support={support}", f"--query={query}", f"--out={out}", "--predict_batch=2")
-  user_error(launch("--mode=predict", f"--workdir={workdir}", *common), "cannot read image", "3.jpg")
+  user_error(launch("--mode=predict", f"--workdir={workdir}", *common), "cannot decode image", "3.jpg")
   assert not out.exists() and not list(tmp_path.glob(".pred.jsonl*"))
   empty = tmp_path / "untrained"
   empty.mkdir()
@@ -413,11 +419,10 @@ def test_idemenet_toy_predicts_with_deformed_and_plain_supports(tmp_path):
     lines = read_lines((tmp_path / f"{mode}.jsonl").read_text())
     got = np.array([int(l["label"].split("_")[1]) for l in lines])
     np.testing.assert_array_equal(got, ep["scores"][mode].argmax(-1), err_msg=mode)
-  # Grey images for an RGB model: an error, or converted on request.
-  Image.fromarray(ep["query"][0].mean(-1).astype(np.uint8)).save(tmp_path / "grey.png")
-  with pytest.raises(DataError, match="grey.png is a grey image \\(mode L\\) but the model takes colour"):
-    model.read_images([str(tmp_path / "grey.png")])
-  assert model.read_images([str(tmp_path / "grey.png")], convert_channels=True).shape == (1, 32, 32, 3)
+  # A grey image for an RGB model: the channel repeated, as an RGB builder stores a grey file.
+  grey = ep["query"][0].mean(-1).astype(np.uint8)
+  Image.fromarray(grey).save(tmp_path / "grey.png")
+  np.testing.assert_array_equal(model.read_images([str(tmp_path / "grey.png")])[0], np.repeat(grey[..., None], 3, -1))
   features = jax.eval_shape(model.method.embed, model.params, model.model_state, jnp.zeros((2, 32, 32, 3)))
   assert features.shape == (2, 512)  # E's features
 

@@ -24,8 +24,8 @@ def normalise(images: jax.Array, mean, std) -> jax.Array:
 def to_channels(images: jax.Array, channels: int) -> jax.Array:
   """uint8 [..., C] images with `channels` channels (1 or 3), integer-exact, unchanged when C == channels:
   grey -> RGB repeats the channel; RGB -> grey is the ITU-R 601-2 luma
-  L = (19595 R + 38470 G + 7471 B + 2^15) >> 16, PIL's convert('L') bit for bit (as image folders
-  and --convert_channels make grey images)."""
+  L = (19595 R + 38470 G + 7471 B + 2^15) >> 16, PIL's convert('L') bit for bit: the one channel rule
+  of image_files.to_mode, applied on the device (cross-domain evaluation)."""
   have = images.shape[-1]
   if have == channels:
     return images

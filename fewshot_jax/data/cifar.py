@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from fewshot_jax.data import common, omniglot, sources
+from fewshot_jax.data import common, image_files, omniglot, sources
 from fewshot_jax.errors import DataError
 
 URL = 'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz'
@@ -198,7 +198,11 @@ def _record(builder_class, preset: str) -> common.Dataset:
       name=builder_class.DATASET, schemes=('default',), folder='cifar100',
       raw_files=builder_class.MANUAL_DOWNLOAD_INSTRUCTIONS, image_size=IMAGE_SIZE, channels=3, mean=MEAN,
       std=STD, preset=preset, base_classes=SPLIT_CLASSES[builder_class.DATASET][0],
-      builder=common.fixed_builder(builder_class))
+      builder=common.fixed_builder(builder_class),
+      # The builder stores pickled pixel arrays and decodes no file: a user's file is read the one way
+      # (image_files.read, RGB, resized whole to 32x32 bicubic); a 32x32 PNG of a stored image reads back
+      # as that image.
+      read_image=image_files.read)
 
 
 CIFAR_FS = _record(FewshotCifarFS, 'cifarfs')

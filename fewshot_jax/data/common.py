@@ -4,12 +4,15 @@
 import dataclasses
 from typing import Any, Callable, Mapping
 
+from fewshot_jax.data import image_files
 from fewshot_jax.errors import ConfigError
 
 # Pixel statistics in 0..255 units. Ink datasets scale pixels to [0, 1]; photos derived from
 # ImageNet use ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) x 255 by convention.
 GREY_MEAN, GREY_STD = (0.0,), (255.0,)
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+# A task's fewest classes: a 1-way task has one answer, right whatever the model (nothing is learned).
+MIN_WAYS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +33,11 @@ class Dataset:
   builder(scheme=, image_size=, data_dir=, manual_dir=) -> its unprepared TFDS builder.
   resizable: the builder stores any image_size it accepts (and checks it); otherwise only image_size.
   placement: the data.placement configs start from ('sharded': a split larger than one device).
-  prepare_image(image, size) -> uint8 [size, size, channels]: a user's image (an opened PIL image of any
-    mode and size) as the builder stores its own, for --mode=predict and fewshot_jax.load (`stored_image`);
-    None: sources.to_stored (converted to the record's channels, the whole image resized bicubic).
+  read_image(source, where, size, channels) -> uint8 [size, size, channels]: THE reading of an image file
+    (a path, encoded bytes or an opened PIL image): the builder stores every file it decodes with it and
+    prediction (api.Model.read_images / prepare, --mode=predict) reads with it, so a model predicts on the
+    array it was trained on. Default image_files.read (orientation, transparency over white, 16-bit,
+    the one channel rule, the whole image resized bicubic); a record names its own resampling or reading.
   options: further data.* keys the builder reads, with their defaults: config.apply_dataset adds
     them to data.*, and make_builder passes them on as keyword arguments.
   """
@@ -50,17 +55,8 @@ class Dataset:
   builder: Callable[..., Any]
   resizable: bool = False
   placement: str = 'replicated'
-  prepare_image: Callable[..., Any] | None = None
+  read_image: Callable[..., Any] = image_files.read
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
-
-  def stored_image(self, image, size: int, channels: int | None = None):
-    """A user's image (PIL, any mode and size) -> uint8 [size, size, channels] as the builder stores its
-    own (prepare_image); `channels`: the config's where a record lets it vary (data.channels);
-    decoding errors propagate (sources.DECODE_ERRORS)."""
-    if self.prepare_image is not None:
-      return self.prepare_image(image, size)
-    from fewshot_jax.data import sources  # pylint: disable=import-outside-toplevel
-    return sources.to_stored(image, size, channels or self.channels)
 
   @property
   def generated(self) -> bool:
@@ -87,6 +83,14 @@ def fixed_builder(builder_class) -> Callable[..., Any]:
     del scheme, image_size  # checked by Dataset.make_builder
     return builder_class(data_dir=data_dir, manual_dir=manual_dir)
   return make
+
+
+def check_ways(ways: int, what: str, error=ConfigError) -> None:
+  """The one check of a task's class count (a config's episode.ways, prediction's support classes):
+  `what` says where the count comes from ('episode.ways=1 asks for', '--support=S holds')."""
+  if ways < MIN_WAYS:
+    raise error(f'{what} {ways} class{"" if ways == 1 else "es"}; a task needs at least {MIN_WAYS} (a 1-way '
+                'task has one answer, right whatever the model)')
 
 
 def _check(dataset: str, field: str, value, valid: tuple) -> None:

@@ -13,7 +13,8 @@ manual_dir holds the official `CUB_200_2011.tgz`, or its extracted
 exactly the packaged classes. The tgz is streamed, once for the metadata and
 once per split, holding only that split's compressed JPEGs one at a time.
 
-Each image is resized whole (no crop) to 84x84, bicubic; labels are global in list
+Each image is read by the record's `read_image` (data/image_files.py: orientation, transparency,
+channels) and resized whole (no crop) to 84x84, bicubic; labels are global in list
 order (train 0..99, val 100..149, test 150..199).
 """
 
@@ -149,7 +150,7 @@ class FewshotCub(sources.ImageBuilder, skip_registration=True):
       path = folder / 'images' / row[0]
       if not path.is_file():
         raise DataError(f'CUB image {path} (listed in images.txt) is missing')
-      return sources.decode_image(path.read_bytes(), f'image {path}', IMAGE_SIZE)
+      return DATASET.read_image(path.read_bytes(), f'image {path}', IMAGE_SIZE, 3)
     for i, ((_, label), image) in enumerate(zip(rows, mini_imagenet._ordered_map(decode, rows))):  # pylint: disable=protected-access
       yield i, {'image': image, 'label': label}
 
@@ -157,7 +158,7 @@ class FewshotCub(sources.ImageBuilder, skip_registration=True):
     label_of = {f'images/{path}': label for path, label in rows}
     def decode(member):
       name, data = member
-      return sources.decode_image(data, f'image {archive}:{FOLDER}/{name}', IMAGE_SIZE), label_of[name]
+      return DATASET.read_image(data, f'image {archive}:{FOLDER}/{name}', IMAGE_SIZE, 3), label_of[name]
     seen = 0
     for i, (image, label) in enumerate(mini_imagenet._ordered_map(  # pylint: disable=protected-access
         decode, self._tar_members(archive, set(label_of)))):

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fewshot_jax import compat
+from fewshot_jax.data import common
 from fewshot_jax.errors import ConfigError, DataError
 
 # data.placement: every device holds the whole split, or 1/D of it (load_split; config.validate checks it).
@@ -197,8 +198,11 @@ def check_episode_fits(dataset: DeviceDataset, ways: int, shots: int, queries: i
   if ways < 1 or shots < 1 or queries < 0:
     raise ConfigError(f"episode needs {kw} >= 1, {ks} >= 1, {kq} >= 0; got {ways}, {shots}, {queries}")
   if ways > dataset.num_classes:
-    raise ConfigError(f"{kw}={ways} is larger than the {dataset.num_classes} classes of "
-                      f"split {split!r}; use {kw} <= {dataset.num_classes}")
+    have = f"{kw}={ways} is larger than the {dataset.num_classes} classes of split {split!r}"
+    if dataset.num_classes < common.MIN_WAYS:  # no valid ways to advise: say what to add
+      raise ConfigError(f"{have}, and a task needs at least {common.MIN_WAYS}: add classes to "
+                        f"split {split!r} (more class folders, or data.split_fractions giving it a larger share)")
+    raise ConfigError(f"{have}; use {kw} <= {dataset.num_classes}")
   smallest = dataset.min_class_size
   if shots + queries > smallest:
     raise ConfigError(f"{ks} + {kq} = {shots} + {queries} = {shots + queries} is "

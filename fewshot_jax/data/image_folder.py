@@ -9,14 +9,15 @@ manual_dir (data.manual_dir) is the root. Two layouts (scheme `auto` tells them 
 Either way the class lists of the three splits are written next to the prepared data
 (`<data_dir>/fewshot_image_folder/<config>/1.0.0/{train,val,test}_classes.txt`) and logged.
 
-Images: the files directly in a class folder whose extension is in IMAGE_EXTENSIONS (any case), in
-sorted order; other entries (`.DS_Store`, `Thumbs.db`, notes, hidden files, subfolders) are skipped
-and counted in one log line. A file with an image extension that Pillow cannot read (a corrupt
-JPEG, a truncated PNG) is an error naming it. Each image is read as a viewer shows it (EXIF
-orientation applied), converted explicitly (16-bit grey scaled to 8 bits as round(v / 257),
-palette -> RGBA, transparency composited over white, CMYK / YCbCr -> RGB, bilevel -> grey), then to
-grey ('L', ITU-R 601 luma) for data.channels=1 or RGB for 3, and resized whole (no crop) to
-data.image_size, bicubic, as sources.decode_image. Stored as uint8 [S, S, C].
+Images: the files directly in a class folder whose extension is in image_files.EXTENSIONS (any
+case), in sorted order; other entries (`.DS_Store`, `Thumbs.db`, notes, hidden files, `__MACOSX`,
+subfolders) are skipped and counted in one log line (image_files.list_classes: --mode=predict lists a
+support folder the same way). A file with an image extension that Pillow cannot read (a corrupt JPEG,
+a truncated PNG) is an error naming it. Each image is read by the record's `read_image`,
+image_files.read, which prediction reads a user's file with too: EXIF orientation applied, 16-bit grey
+scaled to 8 bits as round(v / 257), transparency composited over white, any mode (CMYK, grey,
+palette, bilevel) converted to grey ('L', ITU-R 601 luma) for data.channels=1 or RGB for 3, and the
+whole image (no crop) resized to data.image_size, bicubic. Stored as uint8 [S, S, C].
 
 Labels are global in the order train, val, test, classes sorted by name within a split.
 
@@ -39,9 +40,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
-from PIL import Image, ImageOps
 
-from fewshot_jax.data import common, mini_imagenet, sources
+from fewshot_jax.data import common, image_files, mini_imagenet, sources
 from fewshot_jax.errors import ConfigError, DataError
 
 SCHEME = 'auto'
@@ -49,11 +49,7 @@ IMAGE_SIZE = 84
 SIZE_RANGE = (8, 512)
 # The data.* keys this dataset adds to a config (config.apply_dataset) and its builder reads.
 OPTIONS = {'channels': 3, 'split_fractions': (0.64, 0.16, 0.20), 'split_seed': 0}
-IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpe', '.jpeg', '.jfif', '.jpg', '.pbm', '.pgm', '.png', '.pnm', '.ppm',
-                    '.tga', '.tif', '.tiff', '.webp')
-RESAMPLE = Image.Resampling.BICUBIC  # sources.decode_image's
-_SIXTEEN_BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
-_MODES = {1: 'L', 3: 'RGB'}
+_EXPECTED = '<root>/<class>/<image> (or <root>/{train,val,test}/<class>/<image>)'
 MANUAL_DOWNLOAD_INSTRUCTIONS = (
     'Give data.manual_dir = a folder of class subfolders (<root>/<class>/<image>), or one holding train/, val/ '
     'and test/, each of class subfolders (docs/datasets.md, "Your own images").')
@@ -75,34 +71,6 @@ class Listing:
     return [name for name, _ in self.classes[split]]
 
 
-def _visible(name: str) -> bool:
-  return not name.startswith('.') and name != '__MACOSX'
-
-
-def _class_folders(folder: str, where: str, skipped: list) -> list[tuple[str, list[str]]]:
-  """(class, sorted image paths) of each class subfolder of `folder`; DataError for an empty one."""
-  entries = sorted(os.scandir(folder), key=lambda e: e.name)
-  out = []
-  for entry in entries:
-    rel = os.path.relpath(entry.path, where)
-    if not entry.is_dir() or not _visible(entry.name):
-      if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS) and _visible(entry.name):
-        raise DataError(f'image {entry.path} lies outside a class folder; expected <root>/<class>/<image> (or '
-                        '<root>/{train,val,test}/<class>/<image>)')
-      skipped.append(rel)
-      continue
-    images = []
-    for item in sorted(os.scandir(entry.path), key=lambda e: e.name):
-      if item.is_file() and _visible(item.name) and item.name.lower().endswith(IMAGE_EXTENSIONS):
-        images.append(item.path)
-      else:
-        skipped.append(os.path.relpath(item.path, where))
-    if not images:
-      raise DataError(f'class folder {entry.path} holds no image (extensions: {" ".join(IMAGE_EXTENSIONS)})')
-    out.append((entry.name, images))
-  return out
-
-
 def list_folder(root, fractions=OPTIONS['split_fractions'], seed=OPTIONS['split_seed']) -> Listing:
   """The classes of each split of `root` and the hash of its images (path, size, mtime)."""
   root = os.fspath(root)
@@ -110,7 +78,7 @@ def list_folder(root, fractions=OPTIONS['split_fractions'], seed=OPTIONS['split_
     raise DataError(f'image folder {root} (data.manual_dir) does not exist')
   if not os.path.isdir(root):
     raise DataError(f'image folder {root} (data.manual_dir) is not a folder')
-  subfolders = {e.name for e in os.scandir(root) if e.is_dir() and _visible(e.name)}
+  subfolders = {e.name for e in os.scandir(root) if e.is_dir() and image_files.visible(e.name)}
   skipped: list[str] = []
   if subfolders & set(sources.SPLITS):
     if subfolders != set(sources.SPLITS):
@@ -124,9 +92,9 @@ def list_folder(root, fractions=OPTIONS['split_fractions'], seed=OPTIONS['split_
     layout = 'split'
     classes = {}
     for split in sources.SPLITS:
-      classes[split] = _class_folders(os.path.join(root, split), root, skipped)
-      if not classes[split]:
-        raise DataError(f'split folder {os.path.join(root, split)} holds no class folder')
+      folder = os.path.join(root, split)
+      classes[split], skipped_here = image_files.list_classes(folder, f'split folder {folder}', _EXPECTED, root)
+      skipped += skipped_here
     owner = {}
     for split in sources.SPLITS:
       for name, _ in classes[split]:
@@ -136,9 +104,7 @@ def list_folder(root, fractions=OPTIONS['split_fractions'], seed=OPTIONS['split_
         owner[name] = split
   else:
     layout = 'flat'
-    found = _class_folders(root, root, skipped)
-    if not found:
-      raise DataError(f'image folder {root} holds no class folder; expected <root>/<class>/<image>')
+    found, skipped = image_files.list_classes(root, f'image folder {root}', _EXPECTED)
     classes = split_classes(found, fractions, seed, root)
   manifest = hashlib.sha256(f'{layout}\n'.encode())
   if layout == 'flat':
@@ -168,41 +134,6 @@ def split_classes(found: list, fractions, seed: int, root: str) -> dict:
   shuffled = [found[i] for i in order]
   cuts = np.cumsum((0,) + counts)
   return {split: sorted(shuffled[cuts[i]:cuts[i + 1]]) for i, split in enumerate(sources.SPLITS)}
-
-
-# ---------------------------------------------------------------- images
-
-
-def to_mode(im: Image.Image, channels: int, where: str) -> Image.Image:
-  """A decoded image as 8-bit grey (channels=1) or RGB (3), every source mode converted explicitly."""
-  if im.mode in _SIXTEEN_BIT:  # 16-bit grey (and 32-bit 'I', as Pillow once opened 16-bit PNGs)
-    values = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
-    im = Image.fromarray(((values + 128) // 257).astype(np.uint8), 'L')
-  elif im.mode == 'F':
-    raise DataError(f'{where} holds floating-point pixels, whose 0..255 range is unknown; save it as 8- or '
-                    '16-bit')
-  if im.mode in ('P', 'PA'):
-    im = im.convert('RGBA')  # the palette's transparency becomes alpha
-  if im.mode in ('RGBA', 'LA', 'RGBa', 'La'):
-    rgba = im.convert('RGBA')
-    im = Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba)
-  return im.convert(_MODES[channels])
-
-
-def decode(path: str, size: int, channels: int) -> np.ndarray:
-  """An image file -> uint8 [size, size, channels]; one DataError naming the file if it cannot be read."""
-  where = f'image {path}'
-  try:
-    with Image.open(path) as im:
-      im.draft(None, (size, size))  # JPEG: decode big images at a reduced scale (as sources.decode_image)
-      im.load()
-      im = to_mode(ImageOps.exif_transpose(im), channels, where)
-  except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-    raise DataError(f'cannot decode {where}: {e}') from None
-  if im.size != (size, size):
-    im = im.resize((size, size), RESAMPLE)
-  pixels = np.asarray(im, np.uint8)
-  return pixels[..., None] if channels == 1 else pixels
 
 
 # ---------------------------------------------------------------- builder
@@ -305,7 +236,7 @@ class FewshotImageFolder(sources.ImageBuilder, skip_registration=True):
     channels = config.channels
     total, total_sq, count = np.zeros(channels, np.int64), np.zeros(channels, np.int64), 0
     images = mini_imagenet._ordered_map(  # pylint: disable=protected-access
-        lambda row: decode(row[0], config.image_size, channels), rows)
+        lambda row: DATASET.read_image(row[0], f'image {row[0]}', config.image_size, channels), rows)
     for i, ((_, label), image) in enumerate(zip(rows, images)):
       if statistics:
         pixels = image.reshape(-1, channels).astype(np.int64)
@@ -326,7 +257,7 @@ def _builder(*, scheme, image_size, data_dir, manual_dir, channels=OPTIONS['chan
       SIZE_RANGE[0] <= image_size <= SIZE_RANGE[1]):
     raise ConfigError(f'data.image_size={image_size!r} is invalid for an image folder; expected an integer in '
                       f'[{SIZE_RANGE[0]}, {SIZE_RANGE[1]}]')
-  if channels not in _MODES or isinstance(channels, bool):
+  if channels not in image_files.MODES or isinstance(channels, bool):
     raise ConfigError(f'data.channels={channels!r} is invalid; valid: 1 (grey), 3 (RGB)')
   fractions = tuple(split_fractions) if isinstance(split_fractions, (tuple, list)) else ()
   if (len(fractions) != 3 or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0
@@ -344,4 +275,5 @@ DATASET = common.Dataset(
     image_size=IMAGE_SIZE, channels=OPTIONS['channels'],
     mean=(), std=(),  # the prepared train split's (input_pipeline.with_statistics)
     preset='folder', base_classes=0,  # known once the folder is listed
-    builder=_builder, resizable=True, options=OPTIONS)
+    builder=_builder, resizable=True, options=OPTIONS,
+    read_image=image_files.read)  # the default, named: prediction reads a user's file exactly so

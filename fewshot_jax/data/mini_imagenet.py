@@ -8,13 +8,15 @@ releases the GIL while decoding).
 
 Labels: the 64 train classes are 0..63 in order of first appearance in train.csv,
 then the 16 val classes, then the 20 test classes, so splits never share a label.
-Label names are the WordNet ids. Images are uint8 [84, 84, 3] RGB.
+Label names are the WordNet ids. Images are uint8 [84, 84, 3] RGB, read by the record's
+`read_image` (data/image_files.py; Lanczos where a file is not 84x84).
 """
 
 import collections
 import concurrent.futures
 import csv
 import dataclasses
+import functools
 import io
 import os
 import posixpath
@@ -26,7 +28,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from fewshot_jax.data import common, sources
+from fewshot_jax.data import common, image_files
 from fewshot_jax.errors import DataError
 
 SPLITS = ('train', 'val', 'test')
@@ -106,8 +108,8 @@ def image_reader(manual_dir: epath.Path, filenames: list[str]) -> tuple[Callable
 
 
 def decode_image(data: bytes, where: str, size: int = IMAGE_SIZE) -> np.ndarray:
-  """JPEG/PNG bytes -> uint8 [size, size, 3] RGB, resized (Lanczos) only when needed."""
-  return sources.decode_image(data, f'miniImageNet image {where}', size, Image.Resampling.LANCZOS)
+  """JPEG/PNG bytes -> uint8 [size, size, 3] RGB: the record's reading (Lanczos where resized)."""
+  return DATASET.read_image(data, f'miniImageNet image {where}', size, 3)
 
 
 class FewshotMiniImagenet(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -196,4 +198,5 @@ DATASET = common.Dataset(
     # The per-channel statistics of the train split commonly used with this copy.
     mean=(120.39, 115.59, 104.54), std=(70.68, 68.42, 72.50), preset='mini', base_classes=64,
     builder=common.fixed_builder(FewshotMiniImagenet),
-    prepare_image=lambda im, size: sources.to_stored(im, size, 3, Image.Resampling.LANCZOS))  # as decode_image
+    # Every file of the shared copy is an 84x84 RGB JPEG without EXIF orientation: stored as decoded.
+    read_image=functools.partial(image_files.read, resample=Image.Resampling.LANCZOS))

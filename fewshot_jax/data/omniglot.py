@@ -14,7 +14,9 @@ Schemes:
 
 Labels are global over a config (train classes first, then val, then test) so the
 three splits never share a label. Images are uint8 [S, S, 1] with ink = 255 and
-paper = 0, resized from 105x105 with Lanczos antialiasing.
+paper = 0, resized from 105x105 with Lanczos antialiasing. A scan file (the zips' PNGs, or a user's
+image at prediction) is read by the record's `read_image`, read_scan: image_files.read to grey
+(orientation, transparency over white paper, 16-bit), ink where grey < 128, then that resize.
 
 Sources, tried in order:
   1. manual_dir with `images_background.npz` + `images_evaluation.npz` (the
@@ -40,7 +42,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from fewshot_jax.data import common
+from fewshot_jax.data import common, image_files
 from fewshot_jax.errors import ConfigError, DataError
 
 SCHEMES = ('vinyals', 'lake')
@@ -223,11 +225,7 @@ def read_zip(path: epath.Path) -> dict[CharKey, np.ndarray]:
         match = _ZIP_MEMBER.search(member)
         if not match:
           continue
-        try:
-          with Image.open(io.BytesIO(archive.read(member))) as im:
-            ink = np.asarray(im.convert('L')) < 128
-        except (OSError, ValueError, SyntaxError) as e:
-          raise DataError(f'{path}: cannot decode {member}: {e}') from None
+        ink = scan_ink(archive.read(member), f'{path}:{member}')
         if ink.shape != (ORIGINAL_SIZE, ORIGINAL_SIZE):
           raise DataError(f'{path}: {member} is {ink.shape[1]}x{ink.shape[0]}; expected 105x105')
         drawings.setdefault((match[1], int(match[2])), {})[int(match[4])] = ink
@@ -271,24 +269,28 @@ def _check_reachable(url: str, timeout: float = 10.0) -> None:
     pass
 
 
+def scan_ink(source, where: str) -> np.ndarray:
+  """A character scan (a path, PNG bytes or an opened image; dark ink on light paper) -> bool ink mask
+  [H, W]: grey (image_files.read: orientation, transparency over white paper, 16-bit) below 128."""
+  return image_files.read(source, where, None, 1)[:, :, 0] < 128
+
+
 def resize_ink(ink: np.ndarray, size: int) -> np.ndarray:
-  """bool [N, 105, 105] ink masks -> uint8 [N, size, size], ink 255, Lanczos antialiased."""
+  """bool [N, H, W] ink masks -> uint8 [N, size, size], ink 255, Lanczos antialiased where resized."""
   images = ink.astype(np.uint8) * 255
-  if size == images.shape[-1]:
+  if images.shape[1:] == (size, size):
     return images
   return np.stack([
       np.asarray(Image.fromarray(im, 'L').resize((size, size), Image.Resampling.LANCZOS))
       for im in images])
 
 
-def user_image(im: Image.Image, size: int) -> np.ndarray:
-  """A user's character image (dark ink on light paper, as the official scans; any mode and size) ->
-  uint8 [size, size, 1], ink 255: what the builder does to the scans (read_zip's ink = grey < 128,
-  then resize_ink's Lanczos), so a 105x105 scan gives exactly its stored image."""
-  image = (np.asarray(im.convert('L')) < 128).astype(np.uint8) * 255
-  if image.shape != (size, size):
-    image = np.asarray(Image.fromarray(image, 'L').resize((size, size), Image.Resampling.LANCZOS))
-  return image[:, :, None]
+def read_scan(source, where: str, size: int, channels: int = 1) -> np.ndarray:
+  """The record's reading: a scan (the zips' PNGs, a user's character image of any mode and size) ->
+  uint8 [size, size, 1], ink 255: scan_ink then resize_ink, as the builder stores the zips' scans (the
+  shared copy's npz holds the same masks decoded)."""
+  del channels  # always 1
+  return resize_ink(scan_ink(source, where)[None], size)[0][:, :, None]
 
 
 # ---------------------------------------------------------------- builder
@@ -402,4 +404,4 @@ DATASET = common.Dataset(
     raw_files=FewshotOmniglot.MANUAL_DOWNLOAD_INSTRUCTIONS + ' Without them the official zips are downloaded.',
     image_size=28, channels=1, mean=common.GREY_MEAN, std=common.GREY_STD, preset='omniglot',
     base_classes=4112,  # splits/vinyals/train.txt
-    builder=_builder, resizable=True, prepare_image=user_image)
+    builder=_builder, resizable=True, read_image=read_scan)

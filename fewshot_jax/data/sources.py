@@ -1,8 +1,9 @@
-"""Shared pieces of the image builders: packaged class lists, decoding, streaming reads and writes.
+"""Shared pieces of the image builders: packaged class lists, pickled images, streaming reads and writes.
 
 * `class_list(dataset, split)`: rows of `splits/<dataset>/<split>.{txt,csv}` shipped
   with the package (lines starting with '#' name the source).
-* `decode_image`: encoded bytes -> uint8 [S, S, 3] RGB with one DataError naming the file.
+* `as_bytes`: an encoded image as the pickled distributions hold it (decoded by the record's
+  `read_image`, data/image_files.py).
 * `iter_pickled_list`: the items of a pickled Python list one APPENDS batch (<= 1000
   items) at a time, never the whole list: what lets tieredImageNet's multi-GB
   `*_images_png.pkl` be prepared in bounded memory.
@@ -25,7 +26,6 @@ import uuid
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from PIL import Image
 
 from fewshot_jax.errors import DataError
 
@@ -47,32 +47,6 @@ def class_list(dataset: str, split: str) -> list[list[str]]:
 
 
 # ---------------------------------------------------------------- images
-
-
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-def decode_image(data: bytes, where: str, size: int, resample=Image.Resampling.BICUBIC) -> np.ndarray:
-  """JPEG/PNG bytes -> uint8 [size, size, 3] RGB; the whole image is resized (no crop) when needed.
-  `where` describes the image in the error ('image /path/x.jpg')."""
-  try:
-    with Image.open(io.BytesIO(data)) as im:
-      return to_stored(im, size, 3, resample)
-  except DECODE_ERRORS as e:
-    raise DataError(f'cannot decode {where}: {e}') from None
-
-
-def to_stored(im: Image.Image, size: int, channels: int = 3, resample=Image.Resampling.BICUBIC) -> np.ndarray:
-  """An opened image (any mode and size) -> uint8 [size, size, channels], as the builders store theirs:
-  converted to RGB (a JPEG decoded at a reduced scale first when it is large) or to grey ('L'), the
-  whole image resized (no crop) with `resample` when needed. Decoding errors propagate (DECODE_ERRORS)."""
-  if channels == 3:
-    im.draft('RGB', (size, size))  # JPEG: decode big images at a reduced scale.
-  converted = im.convert('RGB' if channels == 3 else 'L')
-  if converted.size != (size, size):
-    converted = converted.resize((size, size), resample)
-  out = np.asarray(converted)
-  return out if channels == 3 else out[:, :, None]
 
 
 def as_bytes(item, where: str) -> bytes:

@@ -17,13 +17,14 @@ is identical across runs and platforms.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageDraw
 
-from fewshot_jax.data import common, sources
+from fewshot_jax.data import common, image_files
 
 SPLIT_CLASSES = {'train': 200, 'val': 50, 'test': 100}
 IMAGES_PER_CLASS = 20
@@ -152,5 +153,6 @@ DATASET = common.Dataset(
     name='synthetic', schemes=('default',), folder=None, raw_files='', image_size=IMAGE_SIZE, channels=1,
     mean=common.GREY_MEAN, std=common.GREY_STD, preset='synthetic', base_classes=SPLIT_CLASSES['train'],
     builder=_builder,
-    # A user's image: grey, ink bright as stored; resized as draw_glyph downsamples its 4x canvas.
-    prepare_image=lambda im, size: sources.to_stored(im, size, 1, Image.Resampling.BOX))
+    # Generated, no file is read: a user's file (predicted with a synthetic model) is read the one way
+    # (image_files.read), grey, ink bright as stored, resized as draw_glyph downsamples its 4x canvas.
+    read_image=functools.partial(image_files.read, resample=Image.Resampling.BOX))

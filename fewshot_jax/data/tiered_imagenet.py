@@ -14,6 +14,7 @@ manual_dir holds one of:
   2. An ImageNet-style folder `train/<wnid>/*.JPEG` (the ILSVRC-12 train set)
      holding the 608 class folders of the lists: each image is resized, whole,
      to 84x84 (bicubic; Ren et al. resize with cv2 INTER_CUBIC, no crop).
+Every image, either way, is read by the record's `read_image` (data/image_files.py).
 The `{split}_images.npz` files some copies hold (the authors' code decompresses
 the pickles into them, in OpenCV's BGR order) are not read: an error says so.
 
@@ -145,7 +146,7 @@ class FewshotTieredImagenet(sources.ImageBuilder, skip_registration=True):
     def decode(indexed):
       i, item = indexed
       where = f'image {i} of {path}'
-      return sources.decode_image(sources.as_bytes(item, where), where, IMAGE_SIZE)
+      return DATASET.read_image(sources.as_bytes(item, where), where, IMAGE_SIZE, 3)
     count = 0
     for count, image in enumerate(mini_imagenet._ordered_map(  # pylint: disable=protected-access
         decode, enumerate(sources.iter_pickled_list(path, 'tieredImageNet images'))), start=1):
@@ -171,7 +172,7 @@ class FewshotTieredImagenet(sources.ImageBuilder, skip_registration=True):
   def _from_folder(self, files: list[tuple[str, int]], offset: int):
     def decode(item):
       with open(item[0], 'rb') as f:
-        return sources.decode_image(f.read(), f'image {item[0]}', IMAGE_SIZE)
+        return DATASET.read_image(f.read(), f'image {item[0]}', IMAGE_SIZE, 3)
     for i, ((_, row), image) in enumerate(zip(files, mini_imagenet._ordered_map(decode, files))):  # pylint: disable=protected-access
       yield i, {'image': image, 'label': offset + row}
 
