@@ -283,7 +283,8 @@ def test_config_md_is_linked():
 
 def launch_module_flags() -> list[str]:
   """The flags launch.py itself defines (not absl's or a library's), from importing it in a subprocess."""
-  probe = "import json, launch; print(json.dumps([f.name for f in launch.FLAGS.flags_by_module_dict()['launch']]))"
+  probe = ("import json; from fewshot_jax import main; "
+           "print(json.dumps([f.name for f in main.FLAGS.flags_by_module_dict()['fewshot_jax.main']]))")
   out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=True, capture_output=True, text=True,
                        timeout=120).stdout
   return json.loads(out.strip().splitlines()[-1])
