@@ -4,6 +4,9 @@ Everything else imports these names from here instead of probing JAX itself, so
 a new difference is one more entry in this file. Each entry names the versions.
 """
 
+import importlib.metadata
+import re
+
 import jax
 
 
@@ -35,3 +38,31 @@ def profile_data():
   if not hasattr(jax.profiler, "ProfileData"):
     raise ConfigError(f"the per-op profile needs jax.profiler.ProfileData (jax >= 0.6); this is jax {jax.__version__}")
   return jax.profiler.ProfileData
+
+
+def _version(text: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def outside_tested_range() -> str | None:
+  """One line where the running jax or jaxlib lies outside the range this package declares (its
+  metadata: setup.cfg, the one home of the range), e.g. installed with --no-deps; else None. The run
+  goes on: a newer JAX usually works, and the line says what is known to."""
+  try:
+    requires = importlib.metadata.requires("fewshot_jax") or []
+  except importlib.metadata.PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+    return None
+  for req in requires:
+    m = re.fullmatch(r"(jax|jaxlib)([<>=,.\d]+)", req.replace(" ", ""))
+    if not m:
+      continue
+    try:
+      have = importlib.metadata.version(m.group(1))
+    except importlib.metadata.PackageNotFoundError:
+      continue
+    bounds = dict((op, _version(v)) for op, v in re.findall(r"(<=|>=)([\d.]+)", m.group(2)))
+    if _version(have) < bounds.get(">=", ()) or ("<=" in bounds and _version(have) > bounds["<="]):
+      low, high = (".".join(map(str, bounds.get(k, ()))) for k in (">=", "<="))
+      return (f"{m.group(1)} {have} is outside the tested range {low} to {high} (benchmarks/versions.py checks "
+              f"a release); if the run fails, install {m.group(1)}=={high}")
+  return None

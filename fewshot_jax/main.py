@@ -189,6 +189,10 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   for note in _XLA_NOTES:
     logging.info(note)
+  from fewshot_jax import compat  # pylint: disable=g-import-not-at-top
+  outside = compat.outside_tested_range()
+  if outside:
+    logging.warning(outside)
   # "Unable to initialize backend 'tpu'" on every machine without one: not news.
   std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
   if FLAGS.distributed:
