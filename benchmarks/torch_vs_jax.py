@@ -45,7 +45,6 @@ from fewshot_jax import xla_setup  # pylint: disable=g-import-not-at-top
 
 xla_setup.set_cpu_defaults()  # as launch.py: before JAX creates its backend
 
-from fewshot_jax import compat  # pylint: disable=g-import-not-at-top
 from fewshot_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from fewshot_jax import methods
 from fewshot_jax.data import episodes
@@ -380,7 +379,7 @@ def profile_jax(step, carry, fixed, episode, steps: int):
       carry, loss = step(carry, fixed, episode)
     jax.block_until_ready((carry, loss))
     jax.profiler.stop_trace()
-    data = compat.profile_data().from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[-1])
+    data = jax.profiler.ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[-1])
   totals = {}
   for plane in data.planes:
     for line in plane.lines:

@@ -14,7 +14,7 @@ versions, install time, main-job test accuracy, wall times and
 pass/fail (a run passes when it exits 0 and prints its result JSON; the 2-process
 one when both agree on it). Run it before declaring a new range in setup.cfg:
 
-  python benchmarks/versions.py --versions=0.4.35:lowest,0.4.35,0.6.2,0.8.1,0.9.0,0.10.2
+  python benchmarks/versions.py --versions=0.7.1:lowest,0.7.1,0.8.1,0.9.0,0.10.2
 
 Not part of the test suite (minutes per version, network for the wheels).
 """
@@ -39,7 +39,7 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-da
 SHORT = ["--config=protonet:synthetic", "--config.train.steps=40", "--config.train.eval_every=40",
          "--config.eval.val_episodes=40", "--config.eval.episodes=600"]
 
-flags.DEFINE_list("versions", ["0.4.35", "0.6.2", "0.10.2"], "jax/jaxlib versions, one row each.")
+flags.DEFINE_list("versions", ["0.7.1:lowest", "0.7.1", "0.8.1", "0.9.0", "0.10.2"], "jax/jaxlib versions, one row each.")
 flags.DEFINE_string("root", None, "Where the venvs and runs go (default: a temporary folder, removed).")
 flags.DEFINE_string("json", None, "Also write the rows here.")
 FLAGS = flags.FLAGS
@@ -101,8 +101,9 @@ def row(spec: str, wheel: str, root: str) -> dict:
   r["main_accuracy"] = main and round(main["accuracy"], 2)
   r["main_why"] = "" if main else p.stderr.strip().splitlines()[-1][:200] if p.stderr.strip() else f"rc {p.returncode}"
   r["xla_note"] = next((l.split("] ", 1)[-1] for l in p.stderr.splitlines() if "XLA_FLAGS:" in l), "")
-  p, r["two_devices_s"] = _run([command, f"--workdir={run_dir}/two_devices", "--config.data.placement=sharded",
-                                "--config.episode.tasks=2"] + SHORT, cwd=run_dir,
+  p, r["two_devices_s"] = _run([command] + SHORT + [f"--workdir={run_dir}/two_devices",  # --config first
+                                                   "--config.data.placement=sharded", "--config.episode.tasks=2"],
+                               cwd=run_dir,
                                env=_env(root, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
   two = _result(p.stdout) if p.returncode == 0 else None
   r["two_devices_accuracy"] = two and round(two["accuracy"], 2)

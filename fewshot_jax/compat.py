@@ -1,43 +1,26 @@
-"""The JAX API differences across the supported range (jax 0.4.35 .. 0.10.2), in one place.
+"""Where the supported JAX range (jax/jaxlib 0.7.1 .. 0.10.2, setup.cfg) ends, and why there.
 
-Everything else imports these names from here instead of probing JAX itself, so
-a new difference is one more entry in this file. Each entry names the versions.
+Inside the range the public APIs we call are the same (benchmarks/versions.py
+runs the main job, 2 devices and 2 processes at both ends and between), so
+this module holds no shims; the differences that exist live where they act:
+an XLA:CPU flag by jaxlib version (xla_setup.py) and JAX's private
+coordination client (jax_internals.py). Found below the range, so a shim here
+would not help:
+- jax 0.6.x: orbax-checkpoint 0.12 (the one for jax 0.10) calls
+  `jax.sharding.set_mesh` as a context manager when several processes save a
+  replicated array; it is one from jax 0.7.1 (0.6.2: TypeError at the first
+  checkpoint of a 2-process run), and orbax 0.11.x (which does not) fails on
+  jax >= 0.7 (jax.experimental.layout.DeviceLocalLayout is gone).
+- jax 0.4.35 and its orbax 0.11.5: orbax calls the coordination client's
+  key_value_try_get, which that jaxlib lacks (2-process checkpoint fails);
+  `jax.shard_map` is only public from 0.6; CPU processes need
+  jax_cpu_collectives_implementation=gloo set by hand.
+Single-process runs did work on 0.4.35 and 0.6.2 (main job measured, with the
+YNNPACK flag left out), but a pod trainer's range is the pod's.
 """
 
 import importlib.metadata
 import re
-
-import jax
-
-
-def shard_map(f, *, mesh, in_specs, out_specs):
-  """`jax.shard_map` (public from jax 0.6.0); `jax.experimental.shard_map.shard_map` before.
-
-  The old one takes the same mesh / specs; its replication check (`check_rep`,
-  renamed `check_vma` when it became public) stays on, as the new default.
-  """
-  if hasattr(jax, "shard_map"):
-    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-  from jax.experimental.shard_map import shard_map as experimental  # pylint: disable=g-import-not-at-top
-  return experimental(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-
-
-def use_gloo_on_cpu() -> None:
-  """Cross-process collectives for CPU devices: jax 0.4.35 leaves jax_cpu_collectives_implementation
-  at 'none' (processes cannot all-reduce: N processes on one machine, our pod tests); later releases
-  (0.6.2 checked) default to 'gloo'. A value the user chose (e.g. 'mpi') stays. Before the backend
-  starts (jax.distributed.initialize)."""
-  if jax.config.values.get("jax_cpu_collectives_implementation") == "none":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
-
-def profile_data():
-  """jax.profiler.ProfileData (a trace's events in Python), public from jax 0.6 (0.6.2 checked; 0.4.35
-  has none): benchmarks/torch_vs_jax.py's per-op profile needs it."""
-  from fewshot_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  if not hasattr(jax.profiler, "ProfileData"):
-    raise ConfigError(f"the per-op profile needs jax.profiler.ProfileData (jax >= 0.6); this is jax {jax.__version__}")
-  return jax.profiler.ProfileData
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -13,7 +13,6 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fewshot_jax import compat
 from fewshot_jax.errors import ConfigError, FewshotError
 
 
@@ -40,7 +39,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   host = (coordinator_address or "").rsplit(":", 1)[0].strip("[]")
   # A loopback coordinator (N processes on one machine) listens on loopback only, not on every interface.
   bind = coordinator_address if host in ("localhost", "::1") or host.startswith("127.") else None
-  compat.use_gloo_on_cpu()
   try:
     jax.distributed.initialize(**given, local_device_ids=local_device_ids or None,
                                coordinator_bind_address=bind)

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fewshot_jax import compat
 from fewshot_jax.data import common
 from fewshot_jax.errors import ConfigError, DataError
 
@@ -182,7 +181,7 @@ def take_images(dataset: DeviceDataset, idx: jax.Array, scatter: bool = True) ->
     return jax.lax.psum(got, "data")
 
   out_spec = P("data") if scatter else P()
-  return compat.shard_map(local, mesh=dataset.mesh, in_specs=(P("data"), P()), out_specs=out_spec)(
+  return jax.shard_map(local, mesh=dataset.mesh, in_specs=(P("data"), P()), out_specs=out_spec)(
       dataset.images, idx)
 
 
@@ -295,10 +294,10 @@ def sample_tasks(task_keys, dataset: DeviceDataset, *, ways: int, shots: int, qu
     def local(keys, tables, images):
       idx = indices(keys, tables)
       return idx, images[idx["support"]], images[idx["query"]]
-    idx, support, query = compat.shard_map(local, mesh=dataset.mesh, in_specs=(P("data"), P(), P()),
+    idx, support, query = jax.shard_map(local, mesh=dataset.mesh, in_specs=(P("data"), P(), P()),
                                         out_specs=P("data"))(task_keys, tables, dataset.images)
   else:  # every device computes all tasks' (cheap) indices; only the episode's images move
-    idx = compat.shard_map(indices, mesh=dataset.mesh, in_specs=(P(), P()), out_specs=P())(task_keys, tables)
+    idx = jax.shard_map(indices, mesh=dataset.mesh, in_specs=(P(), P()), out_specs=P())(task_keys, tables)
     support, query = take_images(dataset, idx["support"]), take_images(dataset, idx["query"])
   if augment is None:
     support = support.astype(jnp.float32) / 255.0
