@@ -191,10 +191,11 @@ def test_sigterm_stops_a_two_process_evaluation_promptly(tmp_path, make_config):
   (143, one line each), even while they wait inside the compiled evaluation."""
   data_dir = make_config().data.data_dir
   work = tmp_path / "w"
-  assert _wait(_procs(_launch(work, data_dir, ("--mode=train", "--config.train.steps=2",
+  toy = "--config.model.features=16"  # what is checked does not depend on width
+  assert _wait(_procs(_launch(work, data_dir, ("--mode=train", toy, "--config.train.steps=2",
                                                 "--config.train.eval_every=2", "--config.eval.val_episodes=8")),
                       2, 2, tmp_path, "train"), 240) == [0, 0]
-  procs = _procs(_launch(work, data_dir, ("--mode=eval", "--config.eval.episodes=200000")), 2, 2, tmp_path, "ev")
+  procs = _procs(_launch(work, data_dir, ("--mode=eval", toy, "--config.eval.episodes=200000")), 2, 2, tmp_path, "ev")
   try:
     deadline = time.time() + 240
     while "rounded up" not in _read(tmp_path / "ev0.err"):  # set up; now loading and scoring
