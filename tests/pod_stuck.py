@@ -1,9 +1,11 @@
 """A pod whose process 1 gets stuck (alive, heartbeating, but never joining the next collective).
 
 Run by tests/test_pods.py: `python tests/pod_stuck.py WORKDIR DATA_DIR COORDINATOR NPROC ID STUCK_TIMEOUT`.
-launch.py's training, with a hook that makes process 1 sleep in Python after step 8 (its watchdog
-thread keeps beating), so process 0 waits in the next step's gradient all-reduce until its watchdog
-ends it (exit 124, one line); process 1 then finds the coordinator gone (exit 75, one line).
+launch.py's training (toy width), with a hook that makes process 1 sleep in Python after step 8 (its
+watchdog thread keeps beating), so process 0 waits in the next collective until its watchdog ends it
+(exit 124, watchdog.EXIT_STUCK, one line) and leaves its line for its peers; process 1's watchdog
+reads it and ends with the same code, 124, and one line `error: process 0 ended the run: ...`
+(watchdog.Watchdog: a peer that ended the run passes on its exit code).
 """
 
 import os
@@ -24,6 +26,7 @@ def main(argv):
   multihost.initialize(address, int(nproc), int(pid))
   config = load_config("protonet", "synthetic")
   config.data.data_dir = data_dir
+  config.model.features = 16
   config.train.update(steps=40, eval_every=20, checkpoint_every=4, log_every=4, steps_per_call=2)
   config.eval.val_episodes = 16
 

@@ -87,15 +87,19 @@ def _launch(workdir, data_dir, extra=()):
   return args
 
 
-# Adam (the default optimiser), checkpoints every 4 steps, validation every 8: short, and every
-# update moves every parameter, so a replayed or skipped step, a wrong episode or a lost optimiser
-# moment shows as a difference, not only within a tolerance.
-_TRAIN = ("--mode=train", "--config.train.steps=16", "--config.train.eval_every=8", "--config.train.checkpoint_every=4",
-          "--config.train.log_every=2", "--config.train.steps_per_call=2", "--config.eval.val_episodes=32")
+# Adam (the default optimiser), checkpoints every 4 steps, validation every 8: short, toy width
+# (model.features=16: resuming does not depend on width), and every update moves every parameter, so a
+# replayed or skipped step, a wrong episode or a lost optimiser moment shows as a difference, not only
+# within a tolerance.
+_TRAIN = ("--mode=train", "--config.model.features=16", "--config.train.steps=16", "--config.train.eval_every=8",
+          "--config.train.checkpoint_every=4", "--config.train.log_every=2", "--config.train.steps_per_call=2",
+          "--config.eval.val_episodes=32")
 
 
 def _params(workdir, which="latest"):
+  """(step, leaves of the parameters and Adam's moments) of the latest or best checkpoint."""
   c = load_config("protonet", "synthetic")
+  c.model.features = 16
   _, state = restore.load_for_eval(c, str(workdir), sharding.make_mesh(jax.devices()[:1]), which)
   return int(state.step), [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state))]
 
@@ -137,20 +141,26 @@ def test_resume_after_sigterm_or_sigkill_is_bit_identical_to_no_fault(tmp_path, 
   # Checkpointed at the stop (not only at the cadence of 4) and resumed from there.
   assert stop_lines[0].startswith(f"stopped by SIGTERM after step {stopped_at};") and 4 <= stopped_at < 16
   assert "SIGTERM received" in errs[1] and "[process 1]" in errs[1]
-  codes, errs, _ = _fault(tmp_path, data_dir, "kill", signal.SIGKILL, 1, ("--peer_timeout=15",))
+  codes, errs, _ = _fault(tmp_path, data_dir, "kill", signal.SIGKILL, 1, ("--peer_timeout=10",))
   assert codes[1] == -signal.SIGKILL and codes[0] == 75, (codes, errs[0][-3000:])
   line = [l for l in errs[0].splitlines() if l.startswith("error:")]
   # A failed collective says so at once; a collective that waits instead is caught by the heartbeat.
-  gone = ("a peer process is gone", "process 1 is gone (no heartbeat for 15 s")
+  gone = ("a peer process is gone", "process 1 is gone (no heartbeat for 10 s")
   assert len(line) == 1 and any(g in line[0] for g in gone) and "the last checkpoint is step" in line[0], line
   assert "run the same command again (every process) to resume" in line[0]
 
+  best_step, best = _params(tmp_path / "clean", "best")
+  assert best_step in (8, 16)  # validated at 8 and 16
   for tag in ("term", "kill"):
     step, faulted = _params(tmp_path / tag)
     assert step == 16
-    for a, b in zip(clean, faulted):
+    for a, b in zip(clean, faulted, strict=True):
       np.testing.assert_array_equal(a, b)  # bit for bit: parameters and Adam's moments
-    assert _params(tmp_path / tag, "best")[0] == _params(tmp_path / "clean", "best")[0]
+    # The best checkpoint too: the same step, and its parameters and moments bit for bit.
+    faulted_best_step, faulted_best = _params(tmp_path / tag, "best")
+    assert faulted_best_step == best_step, (tag, faulted_best_step, best_step)
+    for a, b in zip(best, faulted_best, strict=True):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_a_stuck_peer_ends_every_process_in_bounded_time(tmp_path, make_config):
@@ -181,10 +191,11 @@ def test_sigterm_stops_a_two_process_evaluation_promptly(tmp_path, make_config):
   (143, one line each), even while they wait inside the compiled evaluation."""
   data_dir = make_config().data.data_dir
   work = tmp_path / "w"
-  assert _wait(_procs(_launch(work, data_dir, ("--mode=train", "--config.train.steps=2",
+  toy = "--config.model.features=16"  # what is checked does not depend on width
+  assert _wait(_procs(_launch(work, data_dir, ("--mode=train", toy, "--config.train.steps=2",
                                                 "--config.train.eval_every=2", "--config.eval.val_episodes=8")),
                       2, 2, tmp_path, "train"), 240) == [0, 0]
-  procs = _procs(_launch(work, data_dir, ("--mode=eval", "--config.eval.episodes=200000")), 2, 2, tmp_path, "ev")
+  procs = _procs(_launch(work, data_dir, ("--mode=eval", toy, "--config.eval.episodes=200000")), 2, 2, tmp_path, "ev")
   try:
     deadline = time.time() + 240
     while "rounded up" not in _read(tmp_path / "ev0.err"):  # set up; now loading and scoring
