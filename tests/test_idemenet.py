@@ -208,7 +208,8 @@ def test_bad_config_values_name_the_key():
 @pytest.mark.slow
 def test_two_stages_on_real_mini_imagenet(make_config, tmp_path):
   """Stage 1 writes a checkpoint, stage 2 loads it, builds the gallery from real base classes,
-  trains, and evaluation scores both modes and draws the deformation figure (32 px, few steps)."""
+  trains, and evaluation scores both modes and draws the deformation figure (32 px, few steps);
+  round 2 loads the stage-2 workdir whole, and a stage-1 workdir with D fixed is refused."""
   from PIL import Image
   small = {"data.input_size": 32, "eval.val_episodes": 4, "eval.episodes": 4, "eval.tasks": 4,
            "train.log_every": 2, "train.steps_per_call": 2}
@@ -242,13 +243,18 @@ def test_two_stages_on_real_mini_imagenet(make_config, tmp_path):
       "method.gallery_bn": "eval"})
   method2 = methods.build(round2)
   example = state_lib.train_example(method2, round2)
-  variables = method2.init(jax.random.key(9), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example))
-  loaded = method2.setup(variables, input_pipeline.load(round2, "train"))
+  # Zeros of init's shapes (an eager ResNet-18 init costs seconds): setup must replace every variable.
+  variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                           jax.eval_shape(method2.init, jax.random.key(9), example))
+  train_data = input_pipeline.load(round2, "train")
+  loaded = method2.setup(variables, train_data)
   _, saved = restore.load_for_eval(stage2, str(tmp_path / "stage2"), sharding.make_mesh(), "best")
   for got, want in ((loaded["params"], saved.params), (loaded["batch_stats"], saved.model_state["batch_stats"])):
     assert jax.tree.all(jax.tree.map(np.array_equal, got, want))
   stage1_d = make_config("idemenet", "mini-5w1s", **small, **{
       "method.pretrained": str(tmp_path / "stage1"), "method.fix_deformation": True,
       "method.fix_embedding": False})
+  # Refused by the setup a training run starts with (train._start: method.setup of the initial
+  # variables), before any step: D would stay frozen at its random init.
   with pytest.raises(ConfigError, match="no trained D"):
-    train_lib.train_and_evaluate(stage1_d, str(tmp_path / "random_d"))
+    methods.build(stage1_d).setup(variables, train_data)

@@ -1,4 +1,5 @@
-"""The repo's promises about itself: CI runs the README's test command; every preset is valid."""
+"""The repo's promises about itself: CI runs the README's test command; every preset of every config file
+is valid."""
 
 import json
 import re
@@ -10,8 +11,8 @@ from fewshot_jax.data import registry
 from fewshot_jax.errors import ConfigError
 from tests.conftest import REPO, load_config
 
-PRESETS = ["omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s", "mini-5w1s",
-           "mini-5w5s", "synthetic"]
+CONFIG_FILES = sorted((REPO / "fewshot_jax" / "configs").glob("*.py"))
+PRESETS = [(path.name, preset) for path in CONFIG_FILES for preset in config_lib.load_module(str(path)).PRESETS]
 
 
 def test_ci_runs_the_readme_test_command():
@@ -22,15 +23,43 @@ def test_ci_runs_the_readme_test_command():
   assert command in ci.splitlines()
 
 
-@pytest.mark.parametrize("method", ["protonet", "matchingnet", "lgmnet"])
-@pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_is_valid(method, preset):
-  c = config_lib.validate(load_config(method, preset))
-  assert c.method.name == method
-  ways, shots = (1, 1) if preset == "synthetic" else map(int, preset.split("-")[1].rstrip("s").split("w"))
-  if preset != "synthetic":
+def test_every_config_file_has_presets():
+  assert {path.name for path in CONFIG_FILES} == {"default.py", "protonet.py", "matchingnet.py", "lgmnet.py",
+                                                  "idemenet.py"}
+  assert {file for file, _ in PRESETS} == {path.name for path in CONFIG_FILES}  # none without a preset
+
+
+@pytest.mark.parametrize("file, preset", PRESETS)
+def test_every_preset_is_valid(file, preset, tmp_path):
+  """Every preset of every config file validates (config.validate: shared keys and the method's own),
+  names the dataset of its prefix and the method of its file, trains the task its name says and is
+  evaluated on 600 test episodes of 15 queries. IDeMe-Net's stage-2 presets ship method.pretrained
+  empty (the user's stage-1 workdir): loading refuses it by name, and they validate once it is set."""
+  path = REPO / "fewshot_jax" / "configs" / file
+  c = config_lib.validate(config_lib.load_file(str(path), preset))
+  prefix, _, task = preset.partition("-")
+  if preset == "pretrain":
+    prefix, task = "mini", "pretrain"
+  assert c.data.name == registry.by_preset(prefix).name
+  method = {"default.py": "protonet", "idemenet.py": "idemenet_pretrain" if task == "pretrain" else "idemenet"}
+  assert c.method.name == method.get(file, path.stem)
+  if task not in ("", "pretrain"):
+    ways, shots = map(int, task.rstrip("s").split("w"))
     assert (c.episode.ways, c.episode.shots) == (ways, shots)
   assert c.eval.episodes == 600 and c.eval.queries == 15 and c.eval.split == "test"
+  if c.method.name.startswith("idemenet"):
+    assert c.method.num_classes == registry.by_preset(prefix).base_classes
+  if c.method.name == "idemenet":
+    from fewshot_jax.methods import idemenet  # pylint: disable=g-import-not-at-top
+    assert c.method.pretrained == ""
+    with pytest.raises(ConfigError, match="method.pretrained is empty"):
+      idemenet.load_into(c, variables=None)
+    c.method.pretrained = str(tmp_path / "stage1")
+    config_lib.validate(c)
+    stage1 = config_lib.load_file(str(path), "pretrain" if prefix == "mini" else f"{prefix}-pretrain")
+    for key in ("model.backbone", "method.num_classes", "method.grid", "data.input_size", "data.name"):
+      section, name = key.split(".")
+      assert c[section][name] == stage1[section][name], key  # stage 2 loads what stage 1 trained
 
 
 def test_steps_benchmark_reports_compiled_cost(tmp_path):
