@@ -22,9 +22,7 @@ YNNPACK flag left out), but a pod trainer's range is the pod's.
 import importlib.metadata
 import re
 
-
-def _version(text: str) -> tuple[int, ...]:
-  return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+from fewshot_jax.xla_setup import version_tuple as _version
 
 
 def outside_tested_range() -> str | None:

@@ -32,13 +32,18 @@ CPU_DEFAULTS = ((f"{YNN_FUSION_FLAG}=-individual_convolution", (0, 9, 0)),)
 OPT_OUT = "FEWSHOT_XLA_CPU_DEFAULTS"
 
 
+def version_tuple(text: str) -> tuple[int, ...]:
+  """'0.10.2' (or '0.9.0.1', '0.8.1+cuda') -> (0, 10, 2): the first three numbers of a release."""
+  return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
 def jaxlib_version() -> tuple[int, ...] | None:
   """The installed jaxlib's version, e.g. (0, 10, 2); None without one."""
   try:
     text = importlib.metadata.version("jaxlib")
   except importlib.metadata.PackageNotFoundError:
     return None
-  return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+  return version_tuple(text)
 
 
 def set_cpu_defaults(environ=None, jaxlib=None) -> list[str]:
